@@ -1,0 +1,303 @@
+"""
+bench.py: speed and memory of the hot paths, every figure measured in the same run.
+
+    python bench.py [--device cpu|cuda] [--repeats 7] [--quick]
+
+Prints one markdown table:
+  - the matmul peak of this device (a large square matmul), the reference for model FLOPs utilization (MFU);
+  - pretrain and align steps (forward + backward + AdamW) at width 256: tokens/s and MFU;
+  - the align step against the authors' way (the pair rows through every block and the output head, in a pass
+    of their own) at 4 and 12 blocks: speed ratio, largest difference in loss and gradients;
+  - prefix-cached choice scoring against full-sequence scoring at 5-shot (eval.py): items/s, ratio, max diff;
+  - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff.
+Timings are medians over --repeats, and ratios are taken side by side (interleaved), never across runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import xalign
+from model import Decoder, ModelConfig
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved_times(fns, device, repeats, warmup=2):
+    """Median time of each fn, the fns run in turn so that machine noise hits them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def matmul_peak(device, dtype, repeats):
+    """FLOP/s of an n x n matmul: the best this device does on the op that dominates a transformer."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, device, repeats)
+
+
+def make_model(n_layer, device, vocab=2048, d_model=256, seq=256):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, max_seq_len=seq, n_layer=n_layer, n_head=4, d_model=d_model)
+    return Decoder(cfg).to(device)
+
+
+def align_workload(device, vocab=2048, n_pairs=16, pair_len=32, n_instr=16, instr_len=128, seed=0):
+    """The fixed workload of the targets: 16 pairs of 32-token sentences, 16 instruction rows of 128 tokens,
+    ragged lengths so that the padding paths are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    pair_ids = torch.randint(3, vocab, (2 * n_pairs, pair_len), generator=g)
+    pair_mask = torch.ones_like(pair_ids)
+    pair_mask[1::3, pair_len * 3 // 4:] = 0
+    instr_ids = torch.randint(3, vocab, (n_instr, instr_len), generator=g)
+    instr_mask = torch.ones_like(instr_ids)
+    instr_mask[1::4, instr_len * 7 // 8:] = 0
+    labels = instr_ids.masked_fill(instr_mask == 0, -100)
+    labels[:, : instr_len // 2] = -100                                  # the prompt half carries no loss
+    batch = dict(pair_ids=pair_ids, pair_mask=pair_mask, instr_ids=instr_ids, instr_mask=instr_mask,
+                 instr_labels=labels, pair_groups=torch.arange(n_pairs))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def authors_afp_loss(model, batch, cfg=xalign.AFPConfig()):
+    """The authors' way: the pair rows run through the whole decoder, output head included, in a pass of
+    their own, and the pooling layer's output is picked afterwards."""
+    B = batch["pair_ids"].shape[0] // 2
+    out = model(batch["pair_ids"], batch["pair_mask"], output_hidden_states=True)
+    z = xalign.pool(out.hidden_states[cfg.layer], batch["pair_mask"], cfg.pooling)
+    contrastive = xalign.info_nce(z[:B], z[B:], cfg.temperature, groups=batch["pair_groups"])
+    instruction = xalign.clm_loss(model(batch["instr_ids"], batch["instr_mask"]).logits, batch["instr_labels"])
+    return cfg.cl_weight * contrastive + cfg.clm_weight * instruction
+
+
+def loss_and_grads(model, loss_fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss = loss.total if isinstance(loss, xalign.AFPLoss) else loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def bench_align(n_layer, device, repeats, autocast):
+    model = make_model(n_layer, device)
+    batch = align_workload(device)
+    with autocast():
+        loss_fast, g_fast = loss_and_grads(model, xalign.afp_loss, batch)
+        loss_ref, g_ref = loss_and_grads(model, authors_afp_loss, batch)
+        t_fast, t_ref = interleaved_times([lambda: loss_and_grads(model, xalign.afp_loss, batch),
+                                           lambda: loss_and_grads(model, authors_afp_loss, batch)], device, repeats)
+    grad_diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g_fast, g_ref))
+    return dict(n_layer=n_layer, speedup=t_ref / t_fast, loss_diff=abs(loss_fast - loss_ref).item(),
+                grad_diff=grad_diff, ms_fast=1e3 * t_fast, ms_authors=1e3 * t_ref)
+
+
+def bench_train_step(stage, device, repeats, autocast, peak):
+    """One optimizer step; tokens/s and MFU (model FLOPs from model.flops_per_token / matmul peak)."""
+    model = make_model(4, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if stage == "pretrain":
+        B, T = 16, 256
+        ids = torch.randint(3, model.cfg.vocab_size, (B, T), device=device)
+        tokens, flops = B * T, B * T * model.flops_per_token(T)
+        loss_fn = lambda: xalign.clm_loss(model(ids).logits, ids)
+    else:
+        batch = align_workload(device)
+        n_pair_tok, n_instr_tok = batch["pair_ids"].numel(), batch["instr_ids"].numel()
+        tokens = n_pair_tok + n_instr_tok
+        # the pair rows cost one block and no head: the per-block share of flops_per_token
+        per_block = (model.flops_per_token(32) - 6 * model.head.weight.numel()) / model.cfg.n_layer
+        flops = n_instr_tok * model.flops_per_token(128) + n_pair_tok * per_block
+        loss_fn = lambda: xalign.afp_loss(model, batch).total
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+
+    t = median_time(step, device, repeats)
+    return dict(stage=stage, tokens_per_s=tokens / t, mfu=flops / t / peak)
+
+
+def bench_eval(device, repeats):
+    """Prefix-cached against full-sequence choice scoring at 5 shots (eval.py's scorer)."""
+    import eval as xeval
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    words = "the cat sat on a mat with one dog that ran far away from home today".split()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words)] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = make_model(4, device, vocab=tok.get_vocab_size()).eval()
+    g = torch.Generator().manual_seed(0)
+    sentence = lambda n: " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
+    demos = "\n\n".join(f"{sentence(12)}, right? Yes, {sentence(12)}" for _ in range(5))
+    n_items = 16
+    contexts = [f"{demos}\n\n{sentence(12)}, right?" for _ in range(n_items)]
+    choices = [[f" Yes, {sentence(12)}", f" No, {sentence(12)}"] for _ in range(n_items)]
+    run = lambda cache: xeval.logprobs_of_choices(model, tok, contexts, choices, batch_size=16, prefix_cache=cache)
+    with torch.no_grad():
+        cached, full = run(True), run(False)
+        t_cached, t_full = interleaved_times([lambda: run(True), lambda: run(False)], device, repeats, warmup=1)
+    diff = max(abs(a[0] - b[0]) for ca, cb in zip(cached, full) for a, b in zip(ca, cb))
+    return dict(items_per_s_cached=n_items / t_cached, items_per_s_full=n_items / t_full,
+                speedup=t_full / t_cached, max_diff=diff)
+
+
+def rss_kb(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in kB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:    # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+
+
+def contrastive_child(mode, device_name, n_pairs, chunk):
+    """Run in a subprocess: one plain or cached contrastive step at n_pairs; prints peak memory, time, grads."""
+    device = torch.device(device_name)
+    model = make_model(1, device, seq=32)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.cfg.vocab_size, (2 * n_pairs, 32), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    embed = lambda i, m: xalign.pool(model(i, m, output_hidden_states=True, n_layers=1).hidden_states[1], m)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = rss_kb("VmRSS") * 1024
+    t = time.perf_counter()
+    if mode == "plain":
+        loss = xalign.info_nce(embed(ids[:n_pairs], mask[:n_pairs]), embed(ids[n_pairs:], mask[n_pairs:]))
+        loss.backward()
+    else:
+        loss = xalign.cached_info_nce(embed, (ids[:n_pairs], mask[:n_pairs]), (ids[n_pairs:], mask[n_pairs:]), chunk)
+    sync(device)
+    seconds = time.perf_counter() - t
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = rss_kb("VmHWM") * 1024 - base
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.save(grads, os.environ["XALIGN_BENCH_GRADS"])
+    print(json.dumps(dict(peak_bytes=peak, seconds=seconds, loss=loss.item())))
+
+
+def bench_contrastive(device, n_pairs, chunk, repeats):
+    """Plain vs cached contrastive step, each in a fresh process so that its peak memory is its own."""
+    runs = {"plain": [], "cached": []}
+    grads = {}
+    for r in range(max(1, repeats // 3)):
+        for mode in runs:
+            path = f"/tmp/xalign_bench_grads_{os.getpid()}_{mode}.pt"
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--device", device.type,
+                                  "--pairs", str(n_pairs), "--chunk", str(chunk)], capture_output=True, text=True,
+                                 env={**os.environ, "XALIGN_BENCH_GRADS": path}, check=True)
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            grads[mode] = torch.load(path)
+            os.remove(path)
+    med = lambda mode, key: statistics.median(r[key] for r in runs[mode])
+    return dict(pairs=n_pairs, chunk=chunk, peak_mb_plain=med("plain", "peak_bytes") / 2**20,
+                peak_mb_cached=med("cached", "peak_bytes") / 2**20,
+                memory_ratio=med("cached", "peak_bytes") / med("plain", "peak_bytes"),
+                s_plain=med("plain", "seconds"), s_cached=med("cached", "seconds"),
+                grad_diff=(grads["plain"] - grads["cached"]).abs().max().item())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and 512 contrastive pairs (a smoke run)")
+    p.add_argument("--pairs", type=int, default=4096, help="pairs for the cached-contrastive comparison")
+    p.add_argument("--chunk", type=int, default=256, help="chunk size of the cached contrastive loss")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--child", choices=["plain", "cached"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return contrastive_child(args.child, args.device, args.pairs, args.chunk)
+    if args.quick:
+        args.repeats, args.pairs = 3, 512
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        peak = matmul_peak(device, torch.bfloat16, args.repeats)
+    else:
+        autocast = lambda: torch.autocast("cpu", enabled=False)
+        peak = matmul_peak(device, torch.float32, args.repeats)
+
+    figures = dict(device=str(device), threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
+    figures["pretrain"] = bench_train_step("pretrain", device, args.repeats, autocast, peak)
+    figures["align"] = bench_train_step("align", device, args.repeats, autocast, peak)
+    figures["align_vs_authors"] = [bench_align(n, device, args.repeats, autocast) for n in (4, 12)]
+    try:
+        figures["eval"] = bench_eval(device, args.repeats)
+    except ImportError as e:
+        figures["eval"] = dict(error=f"eval.py not importable: {e}")
+    figures["contrastive"] = bench_contrastive(device, args.pairs, args.chunk, args.repeats)
+
+    f = figures
+    rows = [("matmul peak", f"{f['matmul_peak_gflops']:.1f} GFLOP/s ({f['device']}, {f['threads']} threads)")]
+    for stage in ("pretrain", "align"):
+        s = f[stage]
+        rows.append((f"{stage} step, width 256, 4 blocks", f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.0f}% of matmul peak"))
+    for a in f["align_vs_authors"]:
+        rows.append((f"align step vs authors' way, {a['n_layer']} blocks",
+                     f"{a['speedup']:.2f}x ({a['ms_fast']:.1f} vs {a['ms_authors']:.1f} ms), "
+                     f"max diff loss {a['loss_diff']:.1e}, grads {a['grad_diff']:.1e}"))
+    e = f["eval"]
+    rows.append(("prefix-cached vs full scoring, 5-shot",
+                 e.get("error") or f"{e['speedup']:.2f}x ({e['items_per_s_cached']:.1f} vs {e['items_per_s_full']:.1f} items/s), "
+                                   f"max diff {e['max_diff']:.1e}"))
+    c = f["contrastive"]
+    rows.append((f"cached vs plain contrastive, {c['pairs']} pairs, chunk {c['chunk']}",
+                 f"peak {c['peak_mb_cached']:.0f} vs {c['peak_mb_plain']:.0f} MB ({c['memory_ratio']:.3f}x), "
+                 f"{c['s_cached']:.2f} vs {c['s_plain']:.2f} s, max grad diff {c['grad_diff']:.1e}"))
+    print("| figure | measured |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
