@@ -44,6 +44,8 @@ class ModelConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
+        if min(self.n_head, self.n_kv_head) <= 0:
+            raise ValueError(f"ModelConfig: n_head and n_kv_head must be positive, got {self.n_head}, {self.n_kv_head}")
         if not self.d_ff:
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
         checks = [
@@ -73,10 +75,10 @@ def make_norm(cfg):
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_angles(positions, head_dim, theta):
-    """cos, sin of the rotary angles pos * theta^(-2i/head_dim), each (B, 1, T, head_dim)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq         # (B, T, head_dim/2)
+def rope_angles(positions, head_dim, theta, dtype=torch.float32):
+    """cos, sin of the rotary angles pos * theta^(-2i/head_dim), each (B, 1, T, head_dim), in at least fp32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = positions.to(dtype)[..., None] * inv_freq        # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]     # (B, 1, T, head_dim), the half-split layout of Llama
     return angles.cos(), angles.sin()
 
@@ -85,7 +87,7 @@ def apply_rope(x, cos, sin):
     # rotate pairs (x_i, x_{i+d/2}) by the angle of their frequency
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -209,7 +211,8 @@ class Decoder(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
-            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
+            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta,
+                               torch.promote_types(x.dtype, torch.float32))
         x = self.drop(x)
 
         hidden = [x] if output_hidden_states else None
