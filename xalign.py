@@ -193,13 +193,12 @@ def cached_info_nce(embed, x_inputs, y_inputs, chunk_size, hard_inputs=None, **i
     loss = info_nce(embeddings[0], embeddings[1], hard_negatives=hard, **info_nce_kwargs)
     loss.backward()                                             # only to the embeddings: they are graph leaves
 
+    # replaying every chunk in the first pass's order also leaves the random state where one plain pass would
     for chunks, chunk_states, z in zip(chunked, states, embeddings):
         for chunk, state, grad in zip(chunks, chunk_states, z.grad.split(chunk_size)):
-            after = _RNGState(chunk[0].device)
             state.restore()
             z_chunk = embed(*chunk)
             z_chunk.backward(grad.to(z_chunk.dtype))
-            after.restore()                                     # leave the random state as one plain pass would
     return loss.detach()
 
 
