@@ -1,0 +1,235 @@
+"""Tests for train.py: tiny runs of both stages, checkpoints, exact resume after Ctrl-C, the NaN stop,
+2 processes (gloo) against 1, and bad arguments. Runs call train.main(argv) in-process where they can."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # flat layout: train.py lives in the repo root
+
+import data  # noqa: E402
+import train  # noqa: E402
+from model import load_model  # noqa: E402
+
+TINY = ["--preset", "tiny", "--no-eval"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads spin: use one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One tiny toy world for every run here (as `python train.py --preset tiny` would build it)."""
+    out = tmp_path_factory.mktemp("world")
+    cfg = data.WorldConfig(seed=0, pretrain_tokens=train.PRESETS["tiny"]["world_words"], **train.TINY_WORLD)
+    data.write_world(data.build_world(cfg), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def run_dir(world, tmp_path_factory):
+    """A complete tiny run: pretrain then align."""
+    out = tmp_path_factory.mktemp("run")
+    train.main([*TINY, "--data-dir", world, "--out", str(out)])
+    return out
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def weights(ckpt):
+    return torch.load(Path(ckpt) / "model.pt", weights_only=True)
+
+
+def digest(ckpt):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(ckpt).iterdir())}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and logs of a tiny run
+
+def test_tiny_run_writes_valid_checkpoints(run_dir):
+    steps = dict(pretrain=train.PRESETS["tiny"]["pretrain_steps"], align=train.PRESETS["tiny"]["align_steps"])
+    for stage, name in train.STAGE_DIR.items():
+        best, last = run_dir / name, run_dir / f"{name}.last"
+        assert {f.name for f in best.iterdir()} == {"config.json", "model.pt", "tokenizer.json"}
+        assert {f.name for f in last.iterdir()} == {"config.json", "model.pt", "tokenizer.json", "state.pt"}
+        meta = read_json(best / "config.json")
+        assert meta["stage"] == stage and 1 <= meta["step"] <= steps[stage] and math_finite(meta["dev_loss"])
+        assert meta["train"]["preset"] == "tiny" and Path(meta["data_dir"]).is_dir()
+        assert read_json(last / "config.json")["step"] == steps[stage]
+        model = load_model(best)  # model.pt loads with weights_only=True
+        tok = data.load_tokenizer(best / "tokenizer.json")
+        assert model.cfg.vocab_size == tok.get_vocab_size()
+        ids = torch.tensor([[data.BOS] + tok.encode("Kalib sells the red apple.").ids])
+        assert torch.isfinite(model(ids).logits).all()
+        state = torch.load(last / "state.pt", weights_only=False)
+        assert state["step"] == steps[stage] and {"optimizer", "scheduler", "rng"} <= set(state)
+    assert not any(".tmp-" in p.name or ".old-" in p.name for p in run_dir.iterdir())  # no half-written ones
+    base, aligned = weights(run_dir / "base"), weights(run_dir / "aligned")
+    assert any(not torch.equal(base[k], aligned[k]) for k in base)
+
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    train_steps = [r for r in records if "loss" in r]
+    assert {r["stage"] for r in train_steps} == {"pretrain", "align"}
+    assert all({"lr", "tok_s", "grad_norm", "tokens"} <= set(r) for r in train_steps)
+    assert all({"cl", "clm"} <= set(r) for r in train_steps if r["stage"] == "align")
+    assert any("dev_loss" in r and r["stage"] == "align" for r in records)
+    share = [r for r in records if "alignment_share" in r][-1]
+    assert share["alignment_tokens"] == read_json(run_dir / "aligned.last" / "config.json")["tokens"]
+
+
+def math_finite(x):
+    return x == x and abs(x) != float("inf")
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C, resume, NaN
+
+@pytest.mark.parametrize("stage", ["pretrain", "align"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(stage, world, run_dir, tmp_path):
+    args = [*TINY, "--data-dir", world, "--stage", stage, "--steps", "12", "--eval-every", "5"]
+    if stage == "align":
+        args += ["--init", str(run_dir / "base")]
+    last = f"{train.STAGE_DIR[stage]}.last"
+    train.main([*args, "--out", str(tmp_path / "a")])
+    with pytest.raises(train.Interrupted, match="--resume"):  # a real SIGINT, sent at the end of step 7
+        train.main([*args, "--out", str(tmp_path / "b"), "--debug-interrupt-at-step", "7"])
+    assert read_json(tmp_path / "b" / last / "config.json")["step"] == 7
+    train.main([*args, "--out", str(tmp_path / "b"), "--resume"])
+    a, b = weights(tmp_path / "a" / last), weights(tmp_path / "b" / last)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    opt_a = torch.load(tmp_path / "a" / last / "state.pt", weights_only=False)["optimizer"]["state"]
+    opt_b = torch.load(tmp_path / "b" / last / "state.pt", weights_only=False)["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    best_a, best_b = weights(tmp_path / "a" / train.STAGE_DIR[stage]), weights(tmp_path / "b" / train.STAGE_DIR[stage])
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(world, tmp_path):
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    with pytest.raises(train.Interrupted):
+        train.main([*args, "--debug-interrupt-at-step", "5"])
+    before = {d: digest(tmp_path / d) for d in ("base", "base.last")}
+    with pytest.raises(train.Diverged, match=r"non-finite loss nan .* at step 8; .*base\.last is untouched"):
+        train.main([*args, "--resume", "--debug-nan-at-step", "8"])
+    assert {d: digest(tmp_path / d) for d in ("base", "base.last")} == before
+
+
+# -----------------------------------------------------------------------------
+# 2 processes
+
+def torchrun_2(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        str(ROOT / "train.py"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    one, two = weights(a), weights(b)
+    for k in one:
+        if k.endswith("attn.k.bias"):  # its gradient is 0 up to rounding (softmax ignores a shift shared by all
+            continue                  # keys), and Adam turns rounding noise into steps of size ~lr
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{a} {k}: {m}")
+
+
+def last_train_record(run, stage):
+    records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("stage") == stage and "loss" in r][-1]
+
+
+def test_two_processes_match_one(world, tmp_path):
+    """torchrun with 2 gloo processes sees the global batches of 1 process, split in two: the same training.
+    Losses are per-process means that DDP averages, equal to the global mean only when both processes hold as
+    many tokens: seed 1 draws no part-filled last block in these pretraining steps (Adam's first steps are nearly
+    sign(gradient), so even a small gradient difference moves weights by up to 2 * lr), and the instruction
+    term's token count varies (as in HF's Trainer), so with it the align stage agrees only closely."""
+    args = [*TINY, "--data-dir", world, "--seed", "1", "--pretrain-steps", "4", "--align-steps", "3"]
+    torchrun_2([*args, "--out", str(tmp_path / "two")])
+    train.main([*args, "--out", str(tmp_path / "one")])
+    assert read_json(tmp_path / "two" / "base.last" / "config.json")["tokens"] == 4 * 8 * 64  # full blocks only
+    assert_same_weights(tmp_path / "one" / "base.last", tmp_path / "two" / "base.last")
+    one, two = last_train_record(tmp_path / "one", "align"), last_train_record(tmp_path / "two", "align")
+    assert one["tokens"] == two["tokens"] and abs(one["cl"] - two["cl"]) < 1e-2 * one["cl"]
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-2 * one["grad_norm"]
+
+    # the contrastive term alone is exact: negatives gathered from both processes (and unused blocks skipped)
+    args = [*TINY, "--data-dir", world, "--seed", "1", "--stage", "align", "--steps", "3", "--clm-weight", "0"]
+    torchrun_2([*args, "--init", str(tmp_path / "two" / "base"), "--out", str(tmp_path / "two_cl")])
+    train.main([*args, "--init", str(tmp_path / "one" / "base"), "--out", str(tmp_path / "one_cl")])
+    assert_same_weights(tmp_path / "one_cl" / "aligned.last", tmp_path / "two_cl" / "aligned.last")
+
+
+# -----------------------------------------------------------------------------
+# bad arguments: a clear error before any work
+
+@pytest.fixture(scope="module")
+def broken_ckpt(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("broken")
+    for f in ("model.pt", "tokenizer.json"):
+        (out / f).write_bytes((run_dir / "base" / f).read_bytes())
+    (out / "config.json").write_text('{"model": {"n_layer": 2, "d_model": 32, "flavour": "gpt"}}')
+    other = tmp_path_factory.mktemp("mismatch")  # a config.json whose model is not the one in model.pt
+    for f in ("model.pt", "tokenizer.json"):
+        (other / f).write_bytes((run_dir / "base" / f).read_bytes())
+    meta = read_json(run_dir / "base" / "config.json")
+    meta["model"]["d_model"] = 64
+    (other / "config.json").write_text(json.dumps(meta))
+    return out, other
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--align-lr", "-1"], "learning rate must be positive"),
+    (["--pretrain-steps", "0"], "steps must be positive"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--warmup-ratio", "1.5"], "warmup-ratio"),
+    (["--layer", "3"], "--layer 3 is out of range for a model of 2 blocks"),
+    (["--n-head", "3"], "not divisible by n_head"),
+    (["--cl-weight", "0", "--clm-weight", "0"], "nothing to train"),
+    (["--steps", "5"], "--steps needs --stage pretrain or align"),
+    (["--text", "/no/such.txt"], "no such file"),
+    (["--bactrian", "en.json"], "lang=path"),
+    (["--init", "{base}"], "--init is for --stage align"),
+    (["--stage", "align", "--init", "/no/such/ckpt"], "not a checkpoint directory"),
+    (["--stage", "align"], "run --stage pretrain with this --out first"),
+    (["--stage", "align", "--init", "{base}", "--layer", "5"], "out of range"),
+    (["--stage", "align", "--init", "{base}", "--max-len", "4096"], "exceeds the init model's max_seq_len"),
+    (["--stage", "align", "--init", "{broken}"], "incompatible config.json"),
+    (["--stage", "align", "--init", "{mismatch}"], "model.pt does not match"),
+    (["--data-dir", "{base}"], "not a toy world"),
+    (["--device", "gpu0"], "is not a device"),
+])
+def test_bad_values_fail_before_any_work(argv, message, run_dir, broken_ckpt, tmp_path):
+    argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1]) for a in argv]
+    out = tmp_path / "out"
+    with pytest.raises(train.ConfigError, match=message.replace("[", r"\[")):
+        train.main([*TINY, *argv, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_command_line_errors_and_help():
+    cases = [(["--bogus"], 2, "unrecognized arguments: --bogus"),
+             (["--stage", "align", "--init", "/no/such/ckpt"], 2, "train.py: error: --init /no/such/ckpt: not a "
+                                                                   "checkpoint directory"),
+             (["--help"], 0, "--cross-probability")]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv, "--out", "/nonexistent/never"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _, _ in cases]
+    for p, (argv, code, message) in zip(procs, cases):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == code and message in out + err, (argv, p.returncode, err[-2000:])
+    assert not Path("/nonexistent/never").exists()
