@@ -122,7 +122,8 @@ class WorldConfig:
     align_dev_fraction: float = 0.1             # alignment dev rows, as a fraction of the train rows
     align_repeat: int = 1                       # the paper repeats instruction data 3x; here budget buys new ids
     cross_probability: float = 0.5              # chance that an instruction's answer language differs
-    n_persons: int = 48                         # lexicon sizes (persons and cities are proper nouns)
+    n_persons: int = 24                         # lexicon sizes (persons and cities are proper nouns); each word
+                                                # must recur in the 1% alignment data: 48 persons aligned worse
     n_cities: int = 12
     n_objects: int = 16
     n_adjectives: int = 8
@@ -890,14 +891,18 @@ def _step_indices(n, batch_size, seed, step, rank, world_size, perms):
 class AlignData:
     """Alignment batches by step. batch_size is the global batch: rank r of world_size gets its slice of
     batch_size // world_size examples. Group ids are computed over the whole dataset, so they agree across
-    ranks when the contrastive term gathers them."""
+    ranks when the contrastive term gathers them.
+    pair_batch_size (0 = batch_size): contrastive pairs per step, drawn from a stream of their own when it
+    differs from batch_size. In-batch negatives are cheap (the pair rows run through `layer` blocks only), and
+    more of them make the contrastive task harder than telling 16 sentences apart by one word."""
 
-    def __init__(self, examples, tokenizer, batch_size, max_len, seed, rank=0, world_size=1):
+    def __init__(self, examples, tokenizer, batch_size, max_len, seed, rank=0, world_size=1, pair_batch_size=0):
         if not examples:
             raise ValueError("AlignData: no examples")
         self.examples, self.batch_size, self.max_len = examples, batch_size, max_len
-        self.seed, self.rank, self.world_size, self._perms = seed, rank, world_size, {}
-        self.indices(0)  # checks batch_size, rank and world_size before the work below
+        self.pair_batch_size = pair_batch_size or batch_size
+        self.seed, self.rank, self.world_size, self._perms, self._pair_perms = seed, rank, world_size, {}, {}
+        self.indices(0), self.pair_indices(0)  # check the sizes, rank and world_size before the work below
         self.tokens = list(zip(*_tokenize_align(examples, tokenizer)))
         self.groups = _text_groups(examples)
 
@@ -905,10 +910,17 @@ class AlignData:
         return _step_indices(len(self.examples), self.batch_size, self.seed, step, self.rank, self.world_size,
                              self._perms)
 
+    def pair_indices(self, step):
+        if self.pair_batch_size == self.batch_size:
+            return self.indices(step)                       # the authors' rows: each row's pair and instruction
+        return _step_indices(len(self.examples), self.pair_batch_size, self.seed + 1, step, self.rank,
+                             self.world_size, self._pair_perms)
+
     def batch(self, step) -> dict:
-        idx = self.indices(step)
-        x, y, p, r = (list(t) for t in zip(*(self.tokens[i] for i in idx)))
-        return _collate_tokens(x, y, p, r, [self.groups[i] for i in idx], self.max_len)
+        idx, pair_idx = self.indices(step), self.pair_indices(step)
+        x, y = [self.tokens[i][0] for i in pair_idx], [self.tokens[i][1] for i in pair_idx]
+        p, r = [self.tokens[i][2] for i in idx], [self.tokens[i][3] for i in idx]
+        return _collate_tokens(x, y, p, r, [self.groups[i] for i in pair_idx], self.max_len)
 
 
 class PretrainData:

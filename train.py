@@ -90,6 +90,8 @@ class TrainConfig:
     align_lr: float = flag(3e-4, "peak learning rate [1e-5] (--lr with --stage align)")
     align_batch_size: int = flag(16, "translation pairs (and instruction rows) per micro step, over all devices; "
                                      "in-batch negatives = batch - 1 [2 per device] (--batch-size with --stage align)")
+    align_pair_batch_size: int = flag(0, "contrastive pairs per micro step when it should differ from "
+                                         "--align-batch-size (0: the same rows as the instructions [2 per device])")
     max_len: int = flag(128, "longest pair or instruction row in tokens, longer ones are cut [512]")
     align_weight_decay: float = flag(0.0, "AdamW weight decay [0]")
     temperature: float = flag(0.05, "contrastive temperature tau [0.05]")
@@ -200,7 +202,9 @@ def check_config(cfg):
         (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)"),
         (not (cfg.init and cfg.stage != "align"), "--init is for --stage align (--stage all pretrains its own base)"),
         (all("=" in b for b in cfg.bactrian), "--bactrian takes lang=path items, e.g. en=en.json zh=zh.json"),
-        (cfg.pretrain_batch_size % world_size == 0 and cfg.align_batch_size % world_size == 0,
+        (cfg.align_pair_batch_size >= 0, "--align-pair-batch-size must be >= 0"),
+        (cfg.pretrain_batch_size % world_size == 0 and cfg.align_batch_size % world_size == 0
+         and cfg.align_pair_batch_size % world_size == 0,
          f"batch sizes are global: they must be divisible by the {world_size} processes"),
     ]
     for ok, msg in checks:
@@ -670,12 +674,13 @@ def align(cfg, env, world_dir):
     if len(dev_ex) < 2:
         raise ConfigError(f"align: {len(dev_ex)} dev examples; the contrastive dev loss needs at least 2")
     args = dict(tokenizer=tokenizer, batch_size=cfg.align_batch_size, max_len=cfg.max_len, seed=cfg.seed,
-                rank=env.rank, world_size=env.world_size)
+                rank=env.rank, world_size=env.world_size, pair_batch_size=cfg.align_pair_batch_size)
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
     afp = xalign.AFPConfig(temperature=cfg.temperature, pooling=cfg.pooling, layer=cfg.layer,
                            cl_weight=cfg.cl_weight, clm_weight=cfg.clm_weight, symmetric=cfg.symmetric)
     log(env, f"align: from {init} ({init_meta.get('step')} steps), {len(train_ex):,} training examples, "
-             f"{cfg.align_steps} steps x {cfg.align_batch_size * cfg.grad_accum} pairs, layer "
+             f"{cfg.align_steps} steps x {(cfg.align_pair_batch_size or cfg.align_batch_size) * cfg.grad_accum} pairs "
+             f"and {cfg.align_batch_size * cfg.grad_accum} instruction rows, layer "
              f"{cfg.layer} {cfg.pooling} pooling, tau {cfg.temperature}, weights {cfg.cl_weight}/{cfg.clm_weight}")
     # HF AdamW betas, as the authors' Trainer
     hp = dict(steps=cfg.align_steps, lr=cfg.align_lr, weight_decay=cfg.align_weight_decay, betas=(0.9, 0.999))

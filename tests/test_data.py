@@ -444,3 +444,18 @@ def test_toy_command_writes_world_and_tokenizer(tmp_path):
     assert tok.get_vocab_size() <= 600
     assert json.loads((tmp_path / "w/world.json").read_text())["config"]["seed"] == 2
     assert data.read_text(tmp_path / "w/pretrain.txt")
+
+
+def test_align_data_pair_batch_size(world, tok):
+    """A contrastive batch larger than the instruction batch: its own stream, same tokens, deterministic."""
+    ex = world.align["train"] + world.align["dev"]
+    ad = data.AlignData(ex, tok, batch_size=4, max_len=64, seed=3, pair_batch_size=12)
+    b = ad.batch(2)
+    assert b["pair_ids"].shape[0] == 24 and b["pair_groups"].shape == (12,) and b["instr_ids"].shape[0] == 4
+    same = data.AlignData(ex, tok, batch_size=4, max_len=64, seed=3)
+    assert (same.batch(2)["instr_ids"] == b["instr_ids"]).all()          # instruction rows unchanged
+    rows = ad.pair_indices(2)
+    ref = data.collate_align([ex[i] for i in rows], tok, 64, groups=[ad.groups[i] for i in rows])
+    assert (ref["pair_ids"] == b["pair_ids"]).all()
+    with pytest.raises(ValueError):
+        data.AlignData(ex, tok, 4, 64, 0, rank=0, world_size=2, pair_batch_size=5)
