@@ -86,11 +86,11 @@ class TrainConfig:
     block_size: int = flag(128, "tokens per pretraining block")
     pretrain_weight_decay: float = flag(0.1, "AdamW weight decay (not on biases, norms, embeddings)")
     # alignment (AFP; the paper's values in brackets)
-    align_steps: int = flag(40, "optimizer steps [5000] (--steps with --stage align)")
-    align_lr: float = flag(3e-4, "peak learning rate [1e-5] (--lr with --stage align)")
+    align_steps: int = flag(300, "optimizer steps [5000] (--steps with --stage align)")
+    align_lr: float = flag(1e-3, "peak learning rate [1e-5] (--lr with --stage align)")
     align_batch_size: int = flag(16, "translation pairs (and instruction rows) per micro step, over all devices; "
                                      "in-batch negatives = batch - 1 [2 per device] (--batch-size with --stage align)")
-    align_pair_batch_size: int = flag(0, "contrastive pairs per micro step when it should differ from "
+    align_pair_batch_size: int = flag(128, "contrastive pairs per micro step when it should differ from "
                                          "--align-batch-size (0: the same rows as the instructions [2 per device])")
     max_len: int = flag(128, "longest pair or instruction row in tokens, longer ones are cut [512]")
     align_weight_decay: float = flag(0.0, "AdamW weight decay [0]")
@@ -117,6 +117,7 @@ PRESETS = {
     "default": {},
     "tiny": dict(world_words=20_000, vocab_size=400, n_layer=2, n_head=2, d_model=32, block_size=64,
                  pretrain_steps=30, pretrain_batch_size=8, pretrain_lr=3e-3, align_steps=10, align_batch_size=8,
+                 align_pair_batch_size=0,
                  max_len=64, eval_every=10, eval_batches=2, log_every=5),
 }
 # the tiny world also shrinks its held-out sets, which are otherwise sized for stable evaluation
