@@ -251,10 +251,10 @@ def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, 
 
 @torch.no_grad()
 def sentence_embeddings(model, tokenizer, sentences, layer=None, pooling="last", batch_size=64):
-    """Pooled hidden states of [BOS] + sentence: (N, D) at `layer`, or (n_layer + 1, N, D) for layer=None."""
+    """Pooled hidden states of data.sentence_row (BOS sentence EOS): (N, D) at `layer`, or (n_layer + 1, N, D) for layer=None."""
     model.eval()
     dev = next(model.parameters()).device
-    seqs = [[data.BOS] + ids[:model.cfg.max_seq_len - 1] for ids in data.encode(tokenizer, sentences)]
+    seqs = [data.sentence_row(ids, model.cfg.max_seq_len) for ids in data.encode(tokenizer, sentences)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))       # similar lengths share a batch
     parts = []
     for b in range(0, len(order), batch_size):

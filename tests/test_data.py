@@ -356,10 +356,10 @@ def test_collate_align_shapes_masks_labels_groups(tok):
     assert batch["pair_ids"].shape == (6, lp) and batch["instr_ids"].shape == (3, li) and lp < li
     assert all(v.dtype == torch.long for v in batch.values())
     ids = data.encode(tok, ["short one.", "καλι.", " out put"])
-    assert batch["pair_ids"][0, :len(ids[0]) + 1].tolist() == [data.BOS] + ids[0]
-    assert batch["pair_ids"][3, :len(ids[1]) + 1].tolist() == [data.BOS] + ids[1]  # row B + 0 = y of pair 0
+    assert batch["pair_ids"][0, :len(ids[0]) + 2].tolist() == [data.BOS] + ids[0] + [data.EOS]
+    assert batch["pair_ids"][3, :len(ids[1]) + 2].tolist() == [data.BOS] + ids[1] + [data.EOS]  # row B = y of pair 0
     sentences = [e.sent0 for e in (a, b, dup)] + [e.sent1 for e in (a, b, dup)]
-    assert batch["pair_mask"].sum(1).tolist() == [1 + len(t) for t in data.encode(tok, sentences)]
+    assert batch["pair_mask"].sum(1).tolist() == [2 + len(t) for t in data.encode(tok, sentences)]
     assert (batch["pair_ids"][batch["pair_mask"] == 0] == data.PAD).all()
     labels, mask = batch["instr_labels"][0], batch["instr_mask"][0]
     assert labels[labels != -100].tolist() == ids[2] + [data.EOS]  # the response and EOS, nothing else
