@@ -884,15 +884,17 @@ def _step_indices(n, batch_size, seed, step, rank, world_size, perms):
     if batch_size % world_size or not 0 <= rank < world_size:
         raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} (rank {rank})")
     per = batch_size // world_size
-    out = []
-    for pos in range(step * batch_size + rank * per, step * batch_size + (rank + 1) * per):
-        epoch = pos // n
+    pos = np.arange(step * batch_size + rank * per, step * batch_size + (rank + 1) * per)
+    epochs = pos // n
+    out = np.empty(per, dtype=np.int64)
+    for epoch in np.unique(epochs):                 # one or a few epochs per batch, never one per row
         if epoch not in perms:
             if len(perms) > 2:
                 perms.pop(next(iter(perms)))
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][pos % n]))
-    return out
+            perms[epoch] = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        out[sel] = perms[epoch][pos[sel] % n]
+    return out.tolist()
 
 
 class AlignData:

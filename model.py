@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None               # (B, T, V), None when not computed
+    logits: torch.Tensor | None               # (B, T, V), or (N, V) with logits_at; None when not computed
     hidden_states: tuple | None               # n_run + 1 tensors (B, T, D), when asked for
     past_kv: list | None                      # per block (k, v), each (B, n_kv_head, S, head_dim), when use_cache
 
@@ -172,7 +172,7 @@ class Decoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, *, past_kv=None, use_cache=False,
-                output_hidden_states=False, n_layers=None, compute_logits=True):
+                output_hidden_states=False, n_layers=None, compute_logits=True, logits_at=None):
         """
         input_ids      (B, T) token ids of the new tokens.
         attention_mask (B, S) 1 = real token, 0 = pad, over the cached and the new tokens (S = past + T);
@@ -180,6 +180,8 @@ class Decoder(nn.Module):
         past_kv        the `past_kv` of an earlier call, to continue after it.
         n_layers       run only the first n_layers blocks (hidden states only, no logits): the contrastive
                        term needs nothing above its pooling layer.
+        logits_at      (B, T) bool: compute the logits at these positions only, returned as (N, V) in row-major
+                       order; the head and softmax over prompt tokens whose next token carries no loss are waste.
         """
         B, T = input_ids.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -226,7 +228,7 @@ class Decoder(nn.Module):
 
         logits = None
         if compute_logits and n_run == self.cfg.n_layer:
-            logits = self.head(self.norm_f(x))
+            logits = self.head(self.norm_f(x if logits_at is None else x[logits_at]))
         return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
 
     @torch.no_grad()

@@ -210,9 +210,17 @@ def clm_loss(logits, labels):
     R = positions whose label is not -100 (the response). logits (N, L, V); labels (N, L), unshifted."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"clm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    if not bool((labels[:, 1:] != -100).any()):
-        raise ValueError("clm_loss: no labelled token (every label is -100)")
+    scored_positions(labels)                                    # raises when nothing is labelled
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def scored_positions(labels):
+    """(N, L) bool: the positions t whose next token t+1 is labelled, the only ones whose logits the loss reads."""
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != -100
+    if not bool(at.any()):
+        raise ValueError("clm_loss: no labelled token (every label is -100)")
+    return at
 
 
 @dataclass
@@ -237,7 +245,8 @@ def afp_loss(model, batch, cfg=AFPConfig()):
     batch: pair_ids, pair_mask (2B, Lp): rows 0..B-1 are sentences, rows B..2B-1 their translations;
            pair_groups (B,) optional duplicate ids; instr_ids, instr_mask, instr_labels (N, Li).
     model: called as model(ids, mask, output_hidden_states=True, n_layers=k, compute_logits=False) for the pairs
-           and model(ids, mask).logits for the instructions (the Decoder of model.py).
+           and model(ids, mask, logits_at=positions).logits -> (n_positions, V) for the instructions
+           (the Decoder of model.py).
 
     The pair rows run through the first `layer` blocks only (nothing above reaches L_MCL) and are padded in a
     block of their own, so no pair row is padded to an instruction row's length. A term of weight 0 is still
@@ -258,7 +267,9 @@ def afp_loss(model, batch, cfg=AFPConfig()):
         z = pool(out.hidden_states[layer], pair_mask, cfg.pooling)                      # (2B, D)
         contrastive = info_nce(z[:B], z[B:], cfg.temperature, symmetric=cfg.symmetric, groups=batch.get("pair_groups"))
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.clm_weight != 0):
-        logits = model(batch["instr_ids"], batch["instr_mask"]).logits                 # (N, Li, V)
-        instruction = clm_loss(logits, batch["instr_labels"])
+        labels = batch["instr_labels"]
+        at = scored_positions(labels)                            # the head runs on response positions only
+        logits = model(batch["instr_ids"], batch["instr_mask"], logits_at=at).logits    # (n_scored, V)
+        instruction = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]])      # = clm_loss, less waste
     total = cfg.cl_weight * contrastive + cfg.clm_weight * instruction
     return AFPLoss(total, contrastive.detach(), instruction.detach())

@@ -339,3 +339,16 @@ def test_load_model_round_trip(flavour, tmp_path):
     (tmp_path / "model.pt").unlink()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_logits_at_selects_positions(flavour):
+    """logits_at computes the head only where asked: the same rows as the full logits, in row-major order."""
+    model = make_model(flavour).eval()
+    ids = torch.randint(3, model.cfg.vocab_size, (3, 7))
+    at = torch.rand(3, 7) < 0.4
+    at[0, 2] = True
+    full = model(ids).logits
+    picked = model(ids, logits_at=at).logits
+    assert picked.shape == (int(at.sum()), model.cfg.vocab_size)
+    torch.testing.assert_close(picked, full[at], rtol=0, atol=1e-5)
