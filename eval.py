@@ -153,33 +153,49 @@ def score_full(model, seqs, starts, batch_size, bar=None):
 
 @torch.no_grad()
 def score_cached(model, seqs, starts, batch_size, bar=None):
-    """Each item's shared prefix once (batch 1, KV cache), then its choices batched after model.repeat_kv."""
+    """Three levels of sharing, every level batched:
+    1. the prefix common to every sequence (the demos: the same for every query) runs once, batch 1;
+    2. the query part of each item (its tokens shared by all its choices) runs for batch_size items at once on
+       top of that cache; right padding leaves pads in the middle, which the model's masks and positions skip;
+    3. the rest of every choice runs on its item's cache (repeat_kv, then one row per choice)."""
     dev = next(model.parameters()).device
-    out, cache_ids, cache_kv = [], [], None
-    for item_seqs, item_starts in zip(seqs, starts):
-        if item_seqs is None:
-            out.append(None)
-            continue
-        P = min([*item_starts, *(common_prefix_len(item_seqs[0], s) for s in item_seqs[1:])])  # shared tokens
-        prefix = item_seqs[0][:P]
-        # the previous item's cache serves the common part (the demos); at least one token runs, for its logits
-        L = min(common_prefix_len(cache_ids, prefix), P - 1) if cache_kv is not None else 0
-        past = [(k[:, :, :L], v[:, :, :L]) for k, v in cache_kv] if L else None
-        res = model(torch.tensor([prefix[L:]], device=dev), past_kv=past, use_cache=True)
-        cache_ids, cache_kv, last = prefix, res.past_kv, res.logits[:, -1:]     # last (1, 1, V) predicts token P
-        item_out = []
-        for b in range(0, len(item_seqs), batch_size):
-            ids, mask = (t.to(dev) for t in pad_right([s[P:] for s in item_seqs[b:b + batch_size]]))
-            n = len(ids)
-            logits = model(ids, torch.cat([mask.new_ones(n, P), mask], dim=1), past_kv=repeat_kv(cache_kv, n)).logits
-            pred = torch.cat([last.expand(n, -1, -1), logits[:, :-1]], dim=1)   # the logits predicting each token
-            first = torch.tensor(item_starts[b:b + batch_size], device=dev)
-            pos = torch.arange(P, P + ids.shape[1], device=dev)
-            sums, counts = summed_logprobs(pred, ids, (pos >= first[:, None]) & mask.bool())
-            item_out += [(s, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
-        out.append(item_out)
+    live = [i for i, s in enumerate(seqs) if s is not None]
+    out = [None if s is None else [None] * len(s) for s in seqs]
+    if not live:
+        return out
+    # P_i: tokens shared by every choice of item i and before its first scored token
+    item_p = {i: min([*starts[i], *(common_prefix_len(seqs[i][0], s) for s in seqs[i][1:])]) for i in live}
+    # P0: shared by every item, and one token short of each P_i so that every item runs a query token
+    p0 = min(item_p[i] - 1 for i in live)
+    for i in live[1:]:
+        p0 = min(p0, common_prefix_len(seqs[live[0]][0], seqs[i][0]))
+    shared = model(torch.tensor([seqs[live[0]][0][:p0]], device=dev), use_cache=True).past_kv if p0 else None
+
+    for b in range(0, len(live), batch_size):
+        items = live[b:b + batch_size]
+        n = len(items)
+        q_ids, q_mask = (t.to(dev) for t in pad_right([seqs[i][0][p0:item_p[i]] for i in items]))
+        ones = q_mask.new_ones(n, p0)
+        res = model(q_ids, torch.cat([ones, q_mask], 1), past_kv=repeat_kv(shared, n) if shared else None,
+                    use_cache=True)
+        last = res.logits[torch.arange(n, device=dev), q_mask.sum(1) - 1]          # (n, V): predicts token P_i
+        rows = [(k, j) for k, i in enumerate(items) for j in range(len(seqs[i]))]  # (item in batch, choice)
+        for r in range(0, len(rows), batch_size):
+            chunk = rows[r:r + batch_size]
+            which = torch.tensor([k for k, _ in chunk], device=dev)
+            c_ids, c_mask = (t.to(dev) for t in pad_right([seqs[items[k]][j][item_p[items[k]]:] for k, j in chunk]))
+            past = [(key[which], value[which]) for key, value in res.past_kv]       # each row its item's cache
+            mask = torch.cat([ones[which], q_mask[which], c_mask], 1)
+            logits = model(c_ids, mask, past_kv=past).logits
+            pred = torch.cat([last[which][:, None], logits[:, :-1]], dim=1)         # the logits predicting each token
+            p_i = torch.tensor([item_p[items[k]] for k, _ in chunk], device=dev)
+            first = torch.tensor([starts[items[k]][j] for k, j in chunk], device=dev)
+            pos = p_i[:, None] + torch.arange(c_ids.shape[1], device=dev)           # position of each target
+            sums, counts = summed_logprobs(pred, c_ids, (pos >= first[:, None]) & c_mask.bool())
+            for (k, j), s_, c_ in zip(chunk, sums.tolist(), counts.tolist()):
+                out[items[k]][j] = (s_, int(c_))
         if bar is not None:
-            bar.update(1)
+            bar.update(n)
     return out
 
 

@@ -189,11 +189,13 @@ class Decoder(nn.Module):
         n_run = self.cfg.n_layer if n_layers is None else n_layers
         if not 0 <= n_run <= self.cfg.n_layer:
             raise ValueError(f"n_layers={n_layers} is out of range 0..{self.cfg.n_layer}")
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is not None and attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
                              f"(past {past_len} + new {T} tokens)")
+        # positions count real tokens only, so pads (even mid-sequence) do not count towards the limit
+        longest = S if attention_mask is None or S <= self.cfg.max_seq_len else int(attention_mask.sum(1).max())
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {longest} exceeds max_seq_len={self.cfg.max_seq_len}")
 
         # Without pads and cache the plain causal kernel applies; otherwise build (B, 1, T, S) explicitly.
         if attention_mask is None or (past_kv is None and bool(attention_mask.all())):
