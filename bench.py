@@ -136,9 +136,11 @@ def bench_train_step(stage, device, repeats, autocast, peak):
         batch = align_workload(device)
         n_pair_tok, n_instr_tok = batch["pair_ids"].numel(), batch["instr_ids"].numel()
         tokens = n_pair_tok + n_instr_tok
-        # the pair rows cost one block and no head: the per-block share of flops_per_token
-        per_block = (model.flops_per_token(32) - 6 * model.head.weight.numel()) / model.cfg.n_layer
-        flops = n_instr_tok * model.flops_per_token(128) + n_pair_tok * per_block
+        # the pair rows cost one block and no head; the head runs only where a response token is predicted
+        head = 6 * model.head.weight.numel()
+        per_block = (model.flops_per_token(32) - head) / model.cfg.n_layer
+        n_scored = int(xalign.scored_positions(batch["instr_labels"]).sum())
+        flops = n_instr_tok * (model.flops_per_token(128) - head) + n_scored * head + n_pair_tok * per_block
         loss_fn = lambda: xalign.afp_loss(model, batch).total
 
     def step():
