@@ -845,7 +845,7 @@ def sentence_row(ids, max_len):
     """A sentence as the contrastive term and eval.py's representation analysis see it: [BOS] ids [EOS].
     "last" pooling then reads the EOS state. The sentence's own last token (often ".") is followed by the
     next sentence in pretraining text, so aligning its state across languages erases the language the LM needs
-    there (English perplexity 6.0 -> 22.9 in the toy world); EOS is only ever followed by a new document."""
+    there (in the toy world the loss after "." rose far above uniform); EOS is only followed by a new document."""
     return [BOS] + ids[:max_len - 2] + [EOS]
 
 
