@@ -699,10 +699,7 @@ def align(cfg, env, world_dir):
 
 def report(cfg, env, world_dir):
     """eval.py on base and aligned: the side-by-side tables, and OUT/results.json."""
-    try:
-        import eval as evaluation  # late: training works without eval.py
-    except ImportError:
-        return log(env, "eval.py not found: no evaluation")
+    import eval as evaluation  # late: only --stage all needs it
     if world_dir is None:
         return log(env, "no toy world to evaluate on: run eval.py on OUT/base and OUT/aligned with --tasks")
     ecfg = evaluation.EvalConfig(device=str(env.device), **(TINY_EVAL if cfg.preset == "tiny" else {}))
