@@ -7,7 +7,8 @@ Prints one markdown table:
   - the matmul peak of this device (a large square matmul), the reference for model FLOPs utilization (MFU);
   - pretrain and align steps (forward + backward + AdamW) at width 256: tokens/s and MFU;
   - the align step against the authors' way (the pair rows through every block and the output head, in a pass
-    of their own) at 4 and 12 blocks: speed ratio, largest difference in loss and gradients;
+    of their own) at 4 and 12 blocks: speed ratio, the FLOPs ratio (the most that skipping work can buy),
+    largest difference in loss and gradients;
   - prefix-cached choice scoring against full-sequence scoring at 5-shot (eval.py): items/s, ratio, max diff;
   - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff.
 Timings are medians over --repeats, and ratios are taken side by side (interleaved), never across runs.
@@ -91,6 +92,24 @@ def align_workload(device, vocab=2048, n_pairs=16, pair_len=32, n_instr=16, inst
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def align_flops(model, batch):
+    """Training FLOPs of one align step on `batch` (model.flops_per_token's accounting): (ours, the authors' way).
+    Ours: the pair rows run forward and backward through the pooling layer's blocks only; the head runs at
+    response positions only. The authors' way: the pair rows run forward through every block and the head,
+    but backward only below the pooling layer (nothing above it reaches the loss); the head runs everywhere
+    on the instruction rows. The ratio of the two is the most that skipping work can buy."""
+    head = 2 * model.head.weight.numel()                     # forward FLOPs of the head per token
+    T_pair, T_instr = batch["pair_ids"].shape[1], batch["instr_ids"].shape[1]
+    block = (model.flops_per_token(T_pair, training=False) - head) / model.cfg.n_layer   # forward, one block
+    n_pair, n_instr = batch["pair_ids"].numel(), batch["instr_ids"].numel()
+    n_scored = int(xalign.scored_positions(batch["instr_labels"]).sum())
+    k = xalign.AFPConfig().layer
+    instr_blocks = model.flops_per_token(T_instr) - 3 * head
+    ours = n_pair * 3 * k * block + n_instr * instr_blocks + n_scored * 3 * head
+    authors = n_pair * (model.flops_per_token(T_pair, training=False) + 2 * k * block) + n_instr * model.flops_per_token(T_instr)
+    return ours, authors
+
+
 def authors_afp_loss(model, batch, cfg=xalign.AFPConfig()):
     """The authors' way: the pair rows run through the whole decoder, output head included, in a pass of
     their own, and the pooling layer's output is picked afterwards."""
@@ -119,7 +138,9 @@ def bench_align(n_layer, device, repeats, autocast):
         t_fast, t_ref = interleaved_times([lambda: loss_and_grads(model, xalign.afp_loss, batch),
                                            lambda: loss_and_grads(model, authors_afp_loss, batch)], device, repeats)
     grad_diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g_fast, g_ref))
-    return dict(n_layer=n_layer, speedup=t_ref / t_fast, loss_diff=abs(loss_fast - loss_ref).item(),
+    flops_fast, flops_ref = align_flops(model, batch)
+    return dict(n_layer=n_layer, speedup=t_ref / t_fast, flops_ratio=flops_ref / flops_fast,
+                loss_diff=abs(loss_fast - loss_ref).item(),
                 grad_diff=grad_diff, ms_fast=1e3 * t_fast, ms_authors=1e3 * t_ref)
 
 
@@ -137,10 +158,7 @@ def bench_train_step(stage, device, repeats, autocast, peak):
         n_pair_tok, n_instr_tok = batch["pair_ids"].numel(), batch["instr_ids"].numel()
         tokens = n_pair_tok + n_instr_tok
         # the pair rows cost one block and no head; the head runs only where a response token is predicted
-        head = 6 * model.head.weight.numel()
-        per_block = (model.flops_per_token(32) - head) / model.cfg.n_layer
-        n_scored = int(xalign.scored_positions(batch["instr_labels"]).sum())
-        flops = n_instr_tok * (model.flops_per_token(128) - head) + n_scored * head + n_pair_tok * per_block
+        flops = align_flops(model, batch)[0]
         loss_fn = lambda: xalign.afp_loss(model, batch).total
 
     def step():
@@ -283,7 +301,8 @@ def main():
         rows.append((f"{stage} step, width 256, 4 blocks", f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.0f}% of matmul peak"))
     for a in f["align_vs_authors"]:
         rows.append((f"align step vs authors' way, {a['n_layer']} blocks",
-                     f"{a['speedup']:.2f}x ({a['ms_fast']:.1f} vs {a['ms_authors']:.1f} ms), "
+                     f"{a['speedup']:.2f}x ({a['ms_fast']:.1f} vs {a['ms_authors']:.1f} ms; FLOPs ratio "
+                     f"{a['flops_ratio']:.2f}x), "
                      f"max diff loss {a['loss_diff']:.1e}, grads {a['grad_diff']:.1e}"))
     e = f["eval"]
     rows.append(("prefix-cached vs full scoring, 5-shot",
