@@ -102,19 +102,21 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, rope, past):
+    def forward(self, x, attn_mask, rope, past, q_from=0):
+        """q_from > 0: queries (and outputs) for positions q_from.. only; keys and values for all."""
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        Tq = T - q_from
+        q = self.q(x[:, q_from:]).view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *(r[:, :, q_from:] for r in rope)), apply_rope(k, *rope)
         if past is not None:                                   # keys/values of earlier tokens
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, Tq, self.n_head * self.head_dim)
         return self.resid_dropout(self.o(y)), (k, v)
 
 
@@ -140,9 +142,9 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, attn_mask, rope, past):
-        a, present = self.attn(self.norm1(x), attn_mask, rope, past)
-        x = x + a
+    def forward(self, x, attn_mask, rope, past, q_from=0):
+        a, present = self.attn(self.norm1(x), attn_mask, rope, past, q_from)
+        x = x[:, q_from:] + a
         return x + self.mlp(self.norm2(x)), present
 
 
@@ -181,7 +183,8 @@ class Decoder(nn.Module):
         n_layers       run only the first n_layers blocks (hidden states only, no logits): the contrastive
                        term needs nothing above its pooling layer.
         logits_at      (B, T) bool: compute the logits at these positions only, returned as (N, V) in row-major
-                       order; the head and softmax over prompt tokens whose next token carries no loss are waste.
+                       order; the head and softmax over prompt tokens whose next token carries no loss are waste,
+                       and so is the top block's output before the first such column (keys and values excepted).
         """
         B, T = input_ids.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -219,10 +222,23 @@ class Decoder(nn.Module):
                                torch.promote_types(x.dtype, torch.float32))
         x = self.drop(x)
 
+        # With logits_at, the top block's output is read nowhere before the first logit column: there it only
+        # needs keys and values, so its queries, output projection and MLP start at that column.
+        q_from = 0
+        if logits_at is not None and compute_logits and n_run == self.cfg.n_layer and n_run > 0 \
+                and not (output_hidden_states or use_cache) and bool(logits_at.any()):
+            q_from = int(logits_at.any(0).nonzero()[0])
+            top_mask = attn_mask[:, :, q_from:] if attn_mask is not None else \
+                torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)[q_from:]
+
         hidden = [x] if output_hidden_states else None
         present = [] if use_cache else None
         for i, block in enumerate(self.blocks[:n_run]):
-            x, kv = block(x, attn_mask, rope, None if past_kv is None else past_kv[i])
+            past = None if past_kv is None else past_kv[i]
+            if q_from and i == n_run - 1:
+                x, kv = block(x, top_mask, rope, past, q_from)      # (B, T - q_from, D)
+            else:
+                x, kv = block(x, attn_mask, rope, past)
             if use_cache:
                 present.append(kv)
             if output_hidden_states:
@@ -230,7 +246,7 @@ class Decoder(nn.Module):
 
         logits = None
         if compute_logits and n_run == self.cfg.n_layer:
-            logits = self.head(self.norm_f(x if logits_at is None else x[logits_at]))
+            logits = self.head(self.norm_f(x if logits_at is None else x[logits_at[:, q_from:]]))
         return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
 
     @torch.no_grad()

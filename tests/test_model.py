@@ -352,3 +352,32 @@ def test_logits_at_selects_positions(flavour):
     picked = model(ids, logits_at=at).logits
     assert picked.shape == (int(at.sum()), model.cfg.vocab_size)
     torch.testing.assert_close(picked, full[at], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("pad", [False, True])
+def test_logits_at_trims_top_block_same_gradients_float64(flavour, pad):
+    """With logits_at the top block runs queries and MLP only from the first logit column on (keys and values
+    for every column): logits and gradients equal those of the full forward, with and without pads."""
+    model = make_model(flavour).double()
+    ids = torch.randint(3, model.cfg.vocab_size, (4, 12))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, 9:] = 0                                                 # right padding
+        mask[2, :2] = 0                                                 # left padding
+    at = torch.zeros(4, 12, dtype=torch.bool)
+    at[:, 8:11] = True
+    at[3, 5] = True                                                     # the trimmed block starts at column 5
+    at &= mask.bool()
+    seen = []
+    model.blocks[-1].mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    grads = []
+    for logits_fn in (lambda: model(ids, mask, logits_at=at).logits, lambda: model(ids, mask).logits[at]):
+        model.zero_grad()
+        logits = logits_fn()
+        (logits.sin() * logits).sum().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert seen == [12 - 5, 12]                                         # the top MLP saw 7, then 12 columns
