@@ -1,0 +1,55 @@
+import json
+import statistics
+
+import pytest
+
+import results
+
+
+def fake_eval(p1, ppl, en_acc, other_acc, lang_id=0.5):
+    """An evaluate() dict with the keys results.py reads; every figure from the arguments."""
+    per = lambda en: {**({"en": {"acc": en_acc}} if en else {}), "xa": {"acc": other_acc},
+                      "xb": {"acc": other_acc + 0.1}, "avg": {"acc": 0.0}}
+    mc = {task: {f"{s}_{k}shot": per(s == "in") for s in ("in", "cross") for k in (0, 5)}
+          for task in ("knowledge", "pawsx")}
+    pairs = {x: {"p1_en_xx": [0.0, p1, 0.0], "p1_xx_en": [0.0, p1 / 2, 0.0]} for x in ("xa", "xb", "xc")}
+    return {"mc": mc, "repr": {"pairs": pairs, "lang_id_acc": [0.9, lang_id, 0.9]},
+            "ppl": {"en": {"ppl": ppl}, "xb": {"ppl": 2 * ppl}}}
+
+
+def write_run(path, res, **train):
+    (path / "aligned").mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(res))
+    (path / "aligned" / "config.json").write_text(json.dumps({"train": {"layer": 1, **train}}))
+    return path
+
+
+def test_seeds_table_is_mean_and_sample_std(tmp_path):
+    p1s, ppls = [0.5, 0.7, 0.9], [6.0, 7.0, 9.0]
+    dirs = [write_run(tmp_path / f"s{i}", {"base": fake_eval(0.01, 5.0, 0.6, 0.3),
+                                           "aligned": fake_eval(p, q, 0.5, 0.4)})
+            for i, (p, q) in enumerate(zip(p1s, ppls))]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in results.seeds_table(dirs).splitlines()[2:]}
+    assert rows["P@1 en→xb, aligned layer"][1] == f"{statistics.mean(p1s):.3f} ± {statistics.stdev(p1s):.3f}"
+    assert rows["P@1 xb→en, aligned layer"][1] == f"{statistics.mean(p1s) / 2:.3f} ± {statistics.stdev(p1s) / 2:.3f}"
+    assert rows["English perplexity"][2].startswith(f"{statistics.mean(ppls) - 5.0:.2f} ± ")
+    # gap: English in-language minus the mean of xa (0.4) and xb (0.5)
+    assert rows["pawsx 5-shot in-language gap (en − others)"][1] == "0.050 ± 0.000"
+    assert rows["pawsx 5-shot cross-lingual gap (en in-language − others)"][0] == "0.250 ± 0.000"
+
+
+def test_ablation_table_names_the_changed_flags(tmp_path):
+    base = write_run(tmp_path / "seed0", {"base": fake_eval(0.01, 5.0, 0.6, 0.3), "aligned": fake_eval(0.8, 6.0, 0.5, 0.4)})
+    abl = write_run(tmp_path / "abl", {"aligned": fake_eval(0.2, 9.0, 0.5, 0.4)}, cl_weight=1.0, clm_weight=0.0,
+                    out="somewhere", seed=3, text=[])
+    lines = results.ablation_table([base, abl]).splitlines()[2:]
+    assert lines[0].startswith("| seed0 base (no alignment) |  | 0.010 |")
+    assert "`--clm-weight 0.0`" in lines[2] and "--out" not in lines[2] and "--seed" not in lines[2]
+    assert "--text" not in lines[2] and "--cl-weight" not in lines[2]       # [] is the default (), 1.0 the default
+    assert "| 9.00 |" in lines[2]
+
+
+def test_missing_results_names_the_file(tmp_path):
+    (tmp_path / "aligned").mkdir()
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        results.load_run(tmp_path)
