@@ -86,11 +86,11 @@ class TrainConfig:
     block_size: int = flag(128, "tokens per pretraining block")
     pretrain_weight_decay: float = flag(0.1, "AdamW weight decay (not on biases, norms, embeddings)")
     # alignment (AFP; the paper's values in brackets)
-    align_steps: int = flag(300, "optimizer steps [5000] (--steps with --stage align)")
-    align_lr: float = flag(1e-3, "peak learning rate [1e-5] (--lr with --stage align)")
+    align_steps: int = flag(450, "optimizer steps [5000] (--steps with --stage align)")
+    align_lr: float = flag(3e-4, "peak learning rate [1e-5] (--lr with --stage align)")
     align_batch_size: int = flag(16, "translation pairs (and instruction rows) per micro step, over all devices; "
                                      "in-batch negatives = batch - 1 [2 per device] (--batch-size with --stage align)")
-    align_pair_batch_size: int = flag(128, "contrastive pairs per micro step when it should differ from "
+    align_pair_batch_size: int = flag(512, "contrastive pairs per micro step when it should differ from "
                                          "--align-batch-size (0: the same rows as the instructions [2 per device])")
     max_len: int = flag(128, "longest pair or instruction row in tokens, longer ones are cut [512]")
     align_weight_decay: float = flag(0.0, "AdamW weight decay [0]")
