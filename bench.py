@@ -7,7 +7,7 @@ Prints one markdown table:
   - the matmul peak of this device (a large square matmul), the reference for model FLOPs utilization (MFU);
   - pretrain and align steps (forward + backward + AdamW) at width 256: tokens/s and MFU;
   - the align step against the authors' way (the pair rows through every block and the output head, in a pass
-    of their own) at 4 and 12 blocks: speed ratio, the FLOPs ratio (the most that skipping work can buy),
+    of their own) at 4 and 12 blocks: speed ratio, the matmul FLOPs ratio (the saving the skipped work predicts),
     largest difference in loss and gradients;
   - prefix-cached choice scoring against full-sequence scoring at 5-shot (eval.py): items/s, ratio, max diff;
   - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff.
@@ -98,7 +98,8 @@ def align_flops(model, batch):
     rows the head runs at response positions only, and the top block computes only keys and values before the
     first of them. The authors' way: the pair rows run forward through every block and the head, but backward
     only below the pooling layer (nothing above it reaches the loss); the instruction rows run in full.
-    The ratio of the two is the most that skipping work can buy."""
+    Matmuls only (the softmax over skipped logits is not counted): the ratio is the saving that the skipped
+    matmuls predict."""
     head = 2 * model.head.weight.numel()                     # forward FLOPs of the head per token
     T_pair, T_instr = batch["pair_ids"].shape[1], batch["instr_ids"].shape[1]
     block = lambda T: (model.flops_per_token(T, training=False) - head) / model.cfg.n_layer  # forward, one block

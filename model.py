@@ -228,8 +228,9 @@ class Decoder(nn.Module):
         if logits_at is not None and compute_logits and n_run == self.cfg.n_layer and n_run > 0 \
                 and not (output_hidden_states or use_cache) and bool(logits_at.any()):
             q_from = int(logits_at.any(0).nonzero()[0])
-            top_mask = attn_mask[:, :, q_from:] if attn_mask is not None else \
-                torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)[q_from:]
+            full = attn_mask if attn_mask is not None else \
+                torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)
+            top_mask = full[..., q_from:, :]                    # (B, 1, T - q_from, S) or (T - q_from, S)
 
         hidden = [x] if output_hidden_states else None
         present = [] if use_cache else None

@@ -16,7 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 
 TASKS = ("knowledge", "pawsx")
-SKIP_FLAGS = {"out", "init", "stage", "seed", "data_dir", "eval"}   # where a run lives, not how it was aligned
+SKIP_FLAGS = {"out", "init", "stage", "seed", "data_dir", "eval", "resume", "device", "compile",
+              "debug_nan_at_step", "debug_interrupt_at_step"}   # where and how a run ran, not how it was aligned
 
 
 def load_run(run_dir):
@@ -70,10 +71,11 @@ def mean_std(values, digits):
 
 
 def seeds_table(run_dirs):
-    """Base vs aligned over runs of the default experiment: mean ± sample standard deviation."""
+    """Base vs aligned over runs of the default experiment: mean ± sample standard deviation (± 0 for one run);
+    the change column is over the per-run differences (aligned minus base of the same run)."""
     runs = [load_run(d) for d in run_dirs]
     shots = sorted({int(s.split("_")[1][:-4]) for r, _ in runs for s in r["aligned"]["mc"].get("pawsx", {})})
-    out = ["| figure | base | aligned | change |", "|---|---|---|---|"]
+    out = ["| figure | base | aligned | change (per run) |", "|---|---|---|---|"]
     for name, key in seed_rows(shots):
         digits = 2 if key.startswith("ppl") else 3
         b = [figure(r["base"], key, cfg["layer"]) for r, cfg in runs]
@@ -90,12 +92,17 @@ def changed_flags(cfg):
     for f in fields(train.TrainConfig):
         default = list(f.default) if isinstance(f.default, tuple) else f.default    # JSON has lists
         if f.name not in SKIP_FLAGS and f.name in cfg and cfg[f.name] != default:
-            flags.append(f"--{f.name.replace('_', '-')} {cfg[f.name]}")
+            name, value = f"--{f.name.replace('_', '-')}", cfg[f.name]
+            if isinstance(value, bool):
+                flags.append(name if value else f"--no-{name[2:]}")
+            else:
+                flags.append(f"{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     return " ".join(flags)
 
 
 def ablation_table(run_dirs):
-    """One row per run: its aligned model (the first run's base model gives the first row)."""
+    """One row per run: its aligned model (the first run's base model gives the first row). The knowledge
+    columns are mc averages: in-language over every language (English included), cross over the others."""
     out = ["| run | flags | P@1 en→xb | P@1 xb→en | P@1 en→xa / en→xc | lang-id | English ppl | "
            "knowledge 5-shot in / cross avg |", "|---|---|---|---|---|---|---|---|"]
     runs = [(Path(d).name, *load_run(d)) for d in run_dirs]

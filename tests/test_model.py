@@ -381,3 +381,16 @@ def test_logits_at_trims_top_block_same_gradients_float64(flavour, pad):
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert seen == [12 - 5, 12]                                         # the top MLP saw 7, then 12 columns
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_logits_at_after_cache(flavour):
+    """logits_at on new tokens after a KV cache, with and without a mask: the same logits as the full call."""
+    model = make_model(flavour).double()
+    ids = torch.randint(3, model.cfg.vocab_size, (2, 9))
+    at = torch.zeros(2, 4, dtype=torch.bool)
+    at[:, 2:] = True
+    for mask in (None, torch.ones_like(ids)):
+        past = model(ids[:, :5], None if mask is None else mask[:, :5], use_cache=True).past_kv
+        picked = model(ids[:, 5:], mask, past_kv=past, logits_at=at).logits
+        torch.testing.assert_close(picked, model(ids, mask).logits[:, 5:][at], rtol=0, atol=1e-10)
