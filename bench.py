@@ -165,8 +165,7 @@ def bench_train_step(stage, device, repeats, autocast, peak):
         batch = align_workload(device)
         n_pair_tok, n_instr_tok = batch["pair_ids"].numel(), batch["instr_ids"].numel()
         tokens = n_pair_tok + n_instr_tok
-        # the pair rows cost one block and no head; the head runs only where a response token is predicted
-        flops = align_flops(model, batch)[0]
+        flops = align_flops(model, batch)[0]                # what afp_loss runs, not the full model
         loss_fn = lambda: xalign.afp_loss(model, batch).total
 
     def step():

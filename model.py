@@ -225,7 +225,7 @@ class Decoder(nn.Module):
         # With logits_at, the top block's output is read nowhere before the first logit column: there it only
         # needs keys and values, so its queries, output projection and MLP start at that column.
         q_from = 0
-        if logits_at is not None and compute_logits and n_run == self.cfg.n_layer and n_run > 0 \
+        if logits_at is not None and compute_logits and n_run == self.cfg.n_layer \
                 and not (output_hidden_states or use_cache) and bool(logits_at.any()):
             q_from = int(logits_at.any(0).nonzero()[0])
             full = attn_mask if attn_mask is not None else \

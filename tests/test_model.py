@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import random_weights_
 from model import Decoder, ModelConfig, load_model, repeat_kv
 
 V = 64
@@ -24,14 +25,7 @@ def make_cfg(flavour, **kw):
 def make_model(flavour, seed=0, **kw):
     """A model with all parameters random and O(1) scores (init leaves biases 0, norms 1, attention ~uniform)."""
     torch.manual_seed(seed)
-    model = Decoder(make_cfg(flavour, **kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2 if p.dim() > 1 else 0.1)
-    return model
+    return random_weights_(Decoder(make_cfg(flavour, **kw)).eval(), 0.2)
 
 
 def pad_batch(seqs, side):

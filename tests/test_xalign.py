@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flat layout: xalign.py and model.py live in the repo root
 
 import xalign  # noqa: E402
+from conftest import random_weights_  # noqa: E402
 from model import Decoder, ModelConfig  # noqa: E402
 
 
@@ -324,14 +325,7 @@ def test_two_processes_equal_one_process(tmp_path):
 def small_model(seed=0, dropout=0.0, n_layer=2, V=40):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=V, max_seq_len=32, n_layer=n_layer, n_head=2, d_model=16, dropout=dropout)
-    model = Decoder(cfg)
-    with torch.no_grad():                                       # O(1) weights: the init's tiny ones hide bugs
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
-    return model
+    return random_weights_(Decoder(cfg), 0.3)
 
 
 def token_batch(B, T, V, seed, left=False):
