@@ -100,6 +100,9 @@ class TrainConfig:
     cl_weight: float = flag(1.0, "weight of the contrastive term L_MCL [1.0]")
     clm_weight: float = flag(1.5, "weight of the instruction term L_CIF [1.5]")
     symmetric: bool = flag(False, "contrastive loss in both directions (the authors: x -> y only)")
+    replay_weight: float = flag(0.0, "not in the paper: weight of a causal-LM loss on --replay-batch-size "
+                                     "pretraining blocks added to each alignment step (0 = off; its tokens count as alignment tokens)")
+    replay_batch_size: int = flag(16, "pretraining blocks per alignment step for --replay-weight")
     # both stages
     warmup_ratio: float = flag(0.03, "linear warmup over this share of the steps, then cosine [0.03]")
     min_lr_ratio: float = flag(0.1, "the cosine ends at this fraction of the peak learning rate")
@@ -245,6 +248,10 @@ def check_inputs(cfg):
     if cfg.data_dir and not (Path(cfg.data_dir) / "world.json").is_file():
         raise ConfigError(f"--data-dir {cfg.data_dir} is not a toy world (no world.json); make one with "
                           "`python data.py toy --out DIR` or leave --data-dir out")
+    if cfg.replay_weight < 0 or (cfg.replay_weight and cfg.replay_batch_size < 1):
+        raise ConfigError(f"--replay-weight {cfg.replay_weight} must be >= 0, with --replay-batch-size >= 1")
+    if cfg.replay_weight and (cfg.pairs or cfg.afp_jsonl or cfg.bactrian) and not cfg.text:
+        raise ConfigError("--replay-weight with your own alignment data needs --text: the pretraining text to replay")
     if cfg.stage != "align":
         return
     init = Path(init_dir(cfg))
@@ -266,6 +273,9 @@ def check_inputs(cfg):
     check_layer(cfg, mcfg.n_layer)
     if cfg.max_len > mcfg.max_seq_len:
         raise ConfigError(f"--max-len {cfg.max_len} exceeds the init model's max_seq_len {mcfg.max_seq_len}")
+    if cfg.replay_weight and cfg.block_size > mcfg.max_seq_len:
+        raise ConfigError(f"--block-size {cfg.block_size} (replayed blocks) exceeds the init model's max_seq_len "
+                          f"{mcfg.max_seq_len}")
 
 
 def init_dir(cfg):
@@ -350,9 +360,23 @@ def lm_loss(model, batch):
     return {"loss": xalign.clm_loss(logits, batch["labels"])}
 
 
-def align_loss(model, batch, afp):
+def align_loss(model, batch, afp, replay_weight=0.0):
     out = xalign.afp_loss(model, batch, afp)
-    return {"loss": out.total, "cl": out.contrastive, "clm": out.instruction}
+    parts = {"loss": out.total, "cl": out.contrastive, "clm": out.instruction}
+    if replay_weight:  # --replay-weight: pretraining text beside the alignment rows, against forgetting
+        parts["replay"] = lm_loss(model, batch)["loss"]
+        parts["loss"] = parts["loss"] + replay_weight * parts["replay"]
+    return parts
+
+
+class ReplayData:
+    """Alignment batches with pretraining blocks beside them (--replay-weight); step i of both streams."""
+
+    def __init__(self, align_data, pretrain_data):
+        self.align_data, self.pretrain_data = align_data, pretrain_data
+
+    def batch(self, step) -> dict:
+        return {**self.align_data.batch(step), **self.pretrain_data.batch(step)}
 
 
 def n_tokens(batch):
@@ -677,19 +701,26 @@ def align(cfg, env, world_dir):
     args = dict(tokenizer=tokenizer, batch_size=cfg.align_batch_size, max_len=cfg.max_len, seed=cfg.seed,
                 rank=env.rank, world_size=env.world_size, pair_batch_size=cfg.align_pair_batch_size)
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
+    if cfg.replay_weight:
+        texts = pretrain_texts(cfg, world_dir)
+        args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
+                    rank=env.rank, world_size=env.world_size)
+        train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))
+                                for d, t in zip((train_data, dev_data), texts))
     afp = xalign.AFPConfig(temperature=cfg.temperature, pooling=cfg.pooling, layer=cfg.layer,
                            cl_weight=cfg.cl_weight, clm_weight=cfg.clm_weight, symmetric=cfg.symmetric)
     log(env, f"align: from {init} ({init_meta.get('step')} steps), {len(train_ex):,} training examples, "
              f"{cfg.align_steps} steps x {(cfg.align_pair_batch_size or cfg.align_batch_size) * cfg.grad_accum} pairs "
              f"and {cfg.align_batch_size * cfg.grad_accum} instruction rows, layer "
-             f"{cfg.layer} {cfg.pooling} pooling, tau {cfg.temperature}, weights {cfg.cl_weight}/{cfg.clm_weight}")
+             f"{cfg.layer} {cfg.pooling} pooling, tau {cfg.temperature}, weights {cfg.cl_weight}/{cfg.clm_weight}"
+             + (f", replay {cfg.replay_weight} x {cfg.replay_batch_size} blocks" if cfg.replay_weight else ""))
     # HF AdamW betas, as the authors' Trainer
     hp = dict(steps=cfg.align_steps, lr=cfg.align_lr, weight_decay=cfg.align_weight_decay, betas=(0.9, 0.999))
     pre_tokens = init_meta.get("tokens")
     meta = dict(model=asdict(model.cfg), train=asdict(cfg), data_dir=str(world_dir) if world_dir else None,
                 init=str(init), pretrain_tokens=pre_tokens)
-    best, tokens = train_stage("align", cfg, env, model, tokenizer, partial(align_loss, afp=afp), train_data,
-                               dev_data, hp, meta)
+    loss_fn = partial(align_loss, afp=afp, replay_weight=cfg.replay_weight)
+    best, tokens = train_stage("align", cfg, env, model, tokenizer, loss_fn, train_data, dev_data, hp, meta)
     if pre_tokens:
         log(env, f"align: {tokens:,} alignment tokens = {100 * tokens / pre_tokens:.2f}% of the {pre_tokens:,} "
                  "pretraining tokens", alignment_tokens=tokens, pretrain_tokens=pre_tokens,

@@ -93,6 +93,21 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
     assert share["alignment_tokens"] == read_json(run_dir / "aligned.last" / "config.json")["tokens"]
 
 
+def test_replay_adds_a_weighted_lm_loss_on_pretraining_blocks(world, run_dir, tmp_path):
+    out = tmp_path / "replay"
+    train.main([*TINY, "--data-dir", world, "--stage", "align", "--init", str(run_dir / "base"), "--out", str(out),
+                "--replay-weight", "2.0", "--replay-batch-size", "3"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("stage") == "align" and "replay" in r and "loss" in r]
+    assert steps and any("dev_replay" in r for r in records)
+    for r in steps:  # the tiny preset keeps the paper's weights 1.0 and 1.5
+        assert r["replay"] > 0 and abs(r["loss"] - (r["cl"] + 1.5 * r["clm"] + 2.0 * r["replay"])) < 1e-4
+    # each step also ran 3 pretraining blocks: more tokens than the same alignment without replay
+    plain = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    tokens = lambda recs: [r for r in recs if "alignment_tokens" in r][-1]["alignment_tokens"]
+    assert tokens(records) > tokens(plain)
+
+
 def math_finite(x):
     return x == x and abs(x) != float("inf")
 
@@ -213,9 +228,12 @@ def broken_ckpt(run_dir, tmp_path_factory):
     (["--stage", "align", "--init", "{mismatch}"], "model.pt does not match"),
     (["--data-dir", "{base}"], "not a toy world"),
     (["--device", "gpu0"], "is not a device"),
+    (["--replay-weight", "-1"], "--replay-weight -1.0 must be >= 0"),
+    (["--stage", "align", "--init", "{base}", "--replay-weight", "1", "--pairs", "{pairs}"], "needs --text"),
 ])
-def test_bad_values_fail_before_any_work(argv, message, run_dir, broken_ckpt, tmp_path):
-    argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1]) for a in argv]
+def test_bad_values_fail_before_any_work(argv, message, run_dir, broken_ckpt, world, tmp_path):
+    argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1],
+                     pairs=Path(world) / "pairs" / "en-xb.dev.tsv") for a in argv]
     out = tmp_path / "out"
     with pytest.raises(train.ConfigError, match=message.replace("[", r"\[")):
         train.main([*TINY, *argv, "--out", str(out)])
