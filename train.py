@@ -101,7 +101,8 @@ class TrainConfig:
     clm_weight: float = flag(1.5, "weight of the instruction term L_CIF [1.5]")
     symmetric: bool = flag(False, "contrastive loss in both directions (the authors: x -> y only)")
     replay_weight: float = flag(0.0, "not in the paper: weight of a causal-LM loss on --replay-batch-size "
-                                     "pretraining blocks added to each alignment step (0 = off; its tokens count as alignment tokens)")
+                                     "pretraining blocks added to each alignment step (0 = off; their tokens "
+                                     "count as alignment tokens)")
     replay_batch_size: int = flag(16, "pretraining blocks per alignment step for --replay-weight")
     # both stages
     warmup_ratio: float = flag(0.03, "linear warmup over this share of the steps, then cosine [0.03]")
@@ -250,7 +251,7 @@ def check_inputs(cfg):
                           "`python data.py toy --out DIR` or leave --data-dir out")
     if cfg.replay_weight < 0 or (cfg.replay_weight and cfg.replay_batch_size < 1):
         raise ConfigError(f"--replay-weight {cfg.replay_weight} must be >= 0, with --replay-batch-size >= 1")
-    if cfg.replay_weight and (cfg.pairs or cfg.afp_jsonl or cfg.bactrian) and not cfg.text:
+    if cfg.replay_weight and own_alignment_data(cfg) and not cfg.text:
         raise ConfigError("--replay-weight with your own alignment data needs --text: the pretraining text to replay")
     if cfg.stage != "align":
         return
@@ -276,6 +277,11 @@ def check_inputs(cfg):
     if cfg.replay_weight and cfg.block_size > mcfg.max_seq_len:
         raise ConfigError(f"--block-size {cfg.block_size} (replayed blocks) exceeds the init model's max_seq_len "
                           f"{mcfg.max_seq_len}")
+
+
+def own_alignment_data(cfg):
+    """The alignment files given by flags (empty: the toy world's)."""
+    return cfg.pairs or cfg.afp_jsonl or cfg.bactrian
 
 
 def init_dir(cfg):
@@ -746,9 +752,9 @@ def main(argv=None):
     check_inputs(cfg)  # every error up to here comes before any work
     env = setup_env(cfg)
     try:
-        real_data = cfg.text if cfg.stage == "pretrain" else (cfg.pairs or cfg.afp_jsonl or cfg.bactrian)
+        real_data = cfg.text if cfg.stage == "pretrain" else own_alignment_data(cfg)
         if cfg.stage == "all":
-            real_data = cfg.text and (cfg.pairs or cfg.afp_jsonl or cfg.bactrian)
+            real_data = cfg.text and own_alignment_data(cfg)
         world_dir = None if real_data else prepare_world(cfg, env)
         if cfg.stage in ("pretrain", "all"):
             pretrain(cfg, env, world_dir)
