@@ -1,5 +1,7 @@
 """
 train.py: pretrain a small decoder, then align it with AFP (xalign.afp_loss). One loop serves both stages.
+By default the align stage also replays the base model's pretraining text (--replay-weight; not in the paper,
+0 turns it off), which keeps it a language model in the toy world.
 
     python train.py                                  # the default experiment: toy world, tokenizer, pretrain,
                                                      # align, evaluate both (eval.py) side by side
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -87,7 +89,7 @@ class TrainConfig:
     pretrain_weight_decay: float = flag(0.1, "AdamW weight decay (not on biases, norms, embeddings)")
     # alignment (AFP; the paper's values in brackets)
     align_steps: int = flag(450, "optimizer steps [5000] (--steps with --stage align)")
-    align_lr: float = flag(3e-4, "peak learning rate [1e-5] (--lr with --stage align)")
+    align_lr: float = flag(2e-3, "peak learning rate [1e-5]; chosen on dev with replay on (--lr with --stage align)")
     align_batch_size: int = flag(16, "translation pairs (and instruction rows) per micro step, over all devices; "
                                      "in-batch negatives = batch - 1 [2 per device] (--batch-size with --stage align)")
     align_pair_batch_size: int = flag(512, "contrastive pairs per micro step when it should differ from "
@@ -100,9 +102,9 @@ class TrainConfig:
     cl_weight: float = flag(1.0, "weight of the contrastive term L_MCL [1.0]")
     clm_weight: float = flag(1.5, "weight of the instruction term L_CIF [1.5]")
     symmetric: bool = flag(False, "contrastive loss in both directions (the authors: x -> y only)")
-    replay_weight: float = flag(0.0, "not in the paper: weight of a causal-LM loss on --replay-batch-size "
-                                     "pretraining blocks added to each alignment step (0 = off; their tokens "
-                                     "count as alignment tokens)")
+    replay_weight: float = flag(1.0, "NOT in the paper: weight of a causal-LM loss on --replay-batch-size blocks "
+                                     "of the base model's pretraining text, added to each alignment step against "
+                                     "forgetting; 0 = the paper's method alone. The blocks count as alignment tokens")
     replay_batch_size: int = flag(16, "pretraining blocks per alignment step for --replay-weight")
     # both stages
     warmup_ratio: float = flag(0.03, "linear warmup over this share of the steps, then cosine [0.03]")
@@ -251,8 +253,6 @@ def check_inputs(cfg):
                           "`python data.py toy --out DIR` or leave --data-dir out")
     if cfg.replay_weight < 0 or (cfg.replay_weight and cfg.replay_batch_size < 1):
         raise ConfigError(f"--replay-weight {cfg.replay_weight} must be >= 0, with --replay-batch-size >= 1")
-    if cfg.replay_weight and own_alignment_data(cfg) and not cfg.text:
-        raise ConfigError("--replay-weight with your own alignment data needs --text: the pretraining text to replay")
     if cfg.stage != "align":
         return
     init = Path(init_dir(cfg))
@@ -274,6 +274,10 @@ def check_inputs(cfg):
     check_layer(cfg, mcfg.n_layer)
     if cfg.max_len > mcfg.max_seq_len:
         raise ConfigError(f"--max-len {cfg.max_len} exceeds the init model's max_seq_len {mcfg.max_seq_len}")
+    if cfg.replay_weight and not cfg.text and own_alignment_data(cfg) and base_text(cfg) is None:
+        raise ConfigError(f"--replay-weight {cfg.replay_weight} replays the base model's pretraining text, but "
+                          f"{init}/config.json names none that exists here: give it with --text, or turn replay off "
+                          "with --replay-weight 0 (the paper's method alone)")
     if cfg.replay_weight and cfg.block_size > mcfg.max_seq_len:
         raise ConfigError(f"--block-size {cfg.block_size} (replayed blocks) exceeds the init model's max_seq_len "
                           f"{mcfg.max_seq_len}")
@@ -286,6 +290,17 @@ def own_alignment_data(cfg):
 
 def init_dir(cfg):
     return cfg.init or str(Path(cfg.out) / "base")
+
+
+def base_text(cfg):
+    """Where the --init model's pretraining text is: ("text", files) or ("world", dir), None if not here."""
+    meta = json.loads((Path(init_dir(cfg)) / "config.json").read_text())
+    files, world = meta.get("train", {}).get("text"), meta.get("data_dir")
+    if files and all(Path(f).is_file() for f in files):
+        return "text", tuple(files)
+    if world and (Path(world) / "pretrain.txt").is_file():
+        return "world", Path(world)
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -707,8 +722,9 @@ def align(cfg, env, world_dir):
     args = dict(tokenizer=tokenizer, batch_size=cfg.align_batch_size, max_len=cfg.max_len, seed=cfg.seed,
                 rank=env.rank, world_size=env.world_size, pair_batch_size=cfg.align_pair_batch_size)
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
-    if cfg.replay_weight:
-        texts = pretrain_texts(cfg, world_dir)
+    if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
+        kind, where = ("text", cfg.text) if cfg.text else base_text(cfg) or ("world", world_dir)
+        texts = pretrain_texts(replace(cfg, text=where), None) if kind == "text" else pretrain_texts(cfg, where)
         args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
                     rank=env.rank, world_size=env.world_size)
         train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))
@@ -719,7 +735,8 @@ def align(cfg, env, world_dir):
              f"{cfg.align_steps} steps x {(cfg.align_pair_batch_size or cfg.align_batch_size) * cfg.grad_accum} pairs "
              f"and {cfg.align_batch_size * cfg.grad_accum} instruction rows, layer "
              f"{cfg.layer} {cfg.pooling} pooling, tau {cfg.temperature}, weights {cfg.cl_weight}/{cfg.clm_weight}"
-             + (f", replay {cfg.replay_weight} x {cfg.replay_batch_size} blocks" if cfg.replay_weight else ""))
+             + (f", replay {cfg.replay_weight} x {cfg.replay_batch_size} pretraining blocks (not in the paper; "
+                "--replay-weight 0 for AFP alone)" if cfg.replay_weight else ""))
     # HF AdamW betas, as the authors' Trainer
     hp = dict(steps=cfg.align_steps, lr=cfg.align_lr, weight_decay=cfg.align_weight_decay, betas=(0.9, 0.999))
     pre_tokens = init_meta.get("tokens")

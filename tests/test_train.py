@@ -93,17 +93,23 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
     assert share["alignment_tokens"] == read_json(run_dir / "aligned.last" / "config.json")["tokens"]
 
 
-def test_replay_adds_a_weighted_lm_loss_on_pretraining_blocks(world, run_dir, tmp_path):
-    out = tmp_path / "replay"
-    train.main([*TINY, "--data-dir", world, "--stage", "align", "--init", str(run_dir / "base"), "--out", str(out),
-                "--replay-weight", "2.0", "--replay-batch-size", "3"])
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r.get("stage") == "align" and "replay" in r and "loss" in r]
-    assert steps and any("dev_replay" in r for r in records)
+def test_replay_adds_a_weighted_lm_loss_on_the_base_models_pretraining_text(world, run_dir, tmp_path):
+    """Replay is on by default (not in the paper). With your own alignment data (here a TSV) and no --text, it
+    replays the text that the --init model was pretrained on: its toy world, named in its config.json."""
+    pairs = str(Path(world) / "pairs" / "en-xb.dev.tsv")
+    args = [*TINY, "--stage", "align", "--init", str(run_dir / "base"), "--pairs", pairs]
+    train.main([*args, "--out", str(tmp_path / "replay"), "--replay-weight", "2.0", "--replay-batch-size", "3"])
+    train.main([*args, "--out", str(tmp_path / "plain"), "--replay-weight", "0"])
+    records, plain = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                      for run in ("replay", "plain"))
+    steps = [r for r in records if r.get("stage") == "align" and "loss" in r]
+    assert steps and all("replay" in r for r in steps) and any("dev_replay" in r for r in records)
     for r in steps:  # the tiny preset keeps the paper's weights 1.0 and 1.5
         assert r["replay"] > 0 and abs(r["loss"] - (r["cl"] + 1.5 * r["clm"] + 2.0 * r["replay"])) < 1e-4
+    assert not any("replay" in r or "dev_replay" in r for r in plain)  # --replay-weight 0: the paper's loss
+    for r in (r for r in plain if r.get("stage") == "align" and "loss" in r):
+        assert abs(r["loss"] - (r["cl"] + 1.5 * r["clm"])) < 1e-4
     # each step also ran 3 pretraining blocks: more tokens than the same alignment without replay
-    plain = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     tokens = lambda recs: [r for r in recs if "alignment_tokens" in r][-1]["alignment_tokens"]
     assert tokens(records) > tokens(plain)
 
@@ -174,7 +180,8 @@ def test_two_processes_match_one(world, tmp_path):
     many tokens: seed 1 draws no part-filled last block in these pretraining steps (Adam's first steps are nearly
     sign(gradient), so even a small gradient difference moves weights by up to 2 * lr), and the instruction
     term's token count varies (as in HF's Trainer), so with it the align stage agrees only closely."""
-    args = [*TINY, "--data-dir", world, "--seed", "1", "--pretrain-steps", "4", "--align-steps", "3"]
+    args = [*TINY, "--data-dir", world, "--seed", "1", "--pretrain-steps", "4", "--align-steps", "3",
+            "--replay-weight", "0"]  # the paper's loss; the replayed blocks are pretraining's, tested above
     torchrun_2([*args, "--out", str(tmp_path / "two")])
     train.main([*args, "--out", str(tmp_path / "one")])
     assert read_json(tmp_path / "two" / "base.last" / "config.json")["tokens"] == 4 * 8 * 64  # full blocks only
@@ -205,7 +212,12 @@ def broken_ckpt(run_dir, tmp_path_factory):
     meta = read_json(run_dir / "base" / "config.json")
     meta["model"]["d_model"] = 64
     (other / "config.json").write_text(json.dumps(meta))
-    return out, other
+    orphan = tmp_path_factory.mktemp("orphan")  # a good checkpoint whose pretraining text is not on this machine
+    for f in ("model.pt", "tokenizer.json"):
+        (orphan / f).write_bytes((run_dir / "base" / f).read_bytes())
+    meta = read_json(run_dir / "base" / "config.json")
+    (orphan / "config.json").write_text(json.dumps({**meta, "data_dir": "/no/such/world"}))
+    return out, other, orphan
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -229,10 +241,10 @@ def broken_ckpt(run_dir, tmp_path_factory):
     (["--data-dir", "{base}"], "not a toy world"),
     (["--device", "gpu0"], "is not a device"),
     (["--replay-weight", "-1"], "--replay-weight -1.0 must be >= 0"),
-    (["--stage", "align", "--init", "{base}", "--replay-weight", "1", "--pairs", "{pairs}"], "needs --text"),
+    (["--stage", "align", "--init", "{orphan}", "--pairs", "{pairs}"], "names none that exists here"),
 ])
 def test_bad_values_fail_before_any_work(argv, message, run_dir, broken_ckpt, world, tmp_path):
-    argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1],
+    argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1], orphan=broken_ckpt[2],
                      pairs=Path(world) / "pairs" / "en-xb.dev.tsv") for a in argv]
     out = tmp_path / "out"
     with pytest.raises(train.ConfigError, match=message.replace("[", r"\[")):
