@@ -274,7 +274,7 @@ def check_inputs(cfg):
     check_layer(cfg, mcfg.n_layer)
     if cfg.max_len > mcfg.max_seq_len:
         raise ConfigError(f"--max-len {cfg.max_len} exceeds the init model's max_seq_len {mcfg.max_seq_len}")
-    if cfg.replay_weight and not cfg.text and own_alignment_data(cfg) and base_text(cfg) is None:
+    if cfg.replay_weight and replay_source(cfg) is None:
         raise ConfigError(f"--replay-weight {cfg.replay_weight} replays the base model's pretraining text, but "
                           f"{init}/config.json names none that exists here: give it with --text, or turn replay off "
                           "with --replay-weight 0 (the paper's method alone)")
@@ -292,14 +292,17 @@ def init_dir(cfg):
     return cfg.init or str(Path(cfg.out) / "base")
 
 
-def base_text(cfg):
-    """Where the --init model's pretraining text is: ("text", files) or ("world", dir), None if not here."""
+def replay_source(cfg):
+    """(text files, world dir) for pretrain_texts to replay: --text, else the --init model's own pretraining text
+    as its config.json records it (its --text files or its toy world); None if that is not on this machine."""
+    if cfg.text:
+        return cfg.text, None
     meta = json.loads((Path(init_dir(cfg)) / "config.json").read_text())
     files, world = meta.get("train", {}).get("text"), meta.get("data_dir")
     if files and all(Path(f).is_file() for f in files):
-        return "text", tuple(files)
+        return tuple(files), None
     if world and (Path(world) / "pretrain.txt").is_file():
-        return "world", Path(world)
+        return (), Path(world)
     return None
 
 
@@ -723,8 +726,8 @@ def align(cfg, env, world_dir):
                 rank=env.rank, world_size=env.world_size, pair_batch_size=cfg.align_pair_batch_size)
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
     if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
-        kind, where = ("text", cfg.text) if cfg.text else base_text(cfg) or ("world", world_dir)
-        texts = pretrain_texts(replace(cfg, text=where), None) if kind == "text" else pretrain_texts(cfg, where)
+        files, world = replay_source(cfg)
+        texts = pretrain_texts(replace(cfg, text=files), world)
         args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
                     rank=env.rank, world_size=env.world_size)
         train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))
