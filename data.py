@@ -557,9 +557,41 @@ def write_world(world: World, out_dir) -> None:
 # tokenizer
 
 
-def train_tokenizer(texts, vocab_size=2048) -> Tokenizer:
-    """Byte-level BPE (exact round trip in any script); "<pad>"=0, "<s>"=1, "</s>"=2; no post-processor, so
-    encode() adds no specials: callers add BOS/EOS themselves."""
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` and the special ids of the model it belongs to, which every sequence built here
+    follows: bos starts each sequence (None: the family starts with the first text token), eos ends a document,
+    a pair sentence (last-token pooling reads it) and a response; pad fills what the mask hides.
+    encode/encode_batch add no specials: the callers place them."""
+
+    def __init__(self, tokenizer, bos, eos, pad):
+        self.tokenizer, self.bos, self.eos, self.pad = tokenizer, bos, eos, pad
+        self.start = [] if bos is None else [bos]               # what each sequence starts with
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts):
+        """Encodings (ids and character offsets), tokenizers' parallel batch encoder."""
+        return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def get_vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    def id_to_token(self, i):
+        return self.tokenizer.id_to_token(i)
+
+    def save(self, path):
+        self.tokenizer.save(str(path))
+
+    def specials(self):
+        return dict(bos=self.bos, eos=self.eos, pad=self.pad)
+
+
+def train_tokenizer(texts, vocab_size=2048) -> TextTokenizer:
+    """Byte-level BPE (exact round trip in any script); "<pad>"=0, "<s>"=1, "</s>"=2."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -568,19 +600,61 @@ def train_tokenizer(texts, vocab_size=2048) -> Tokenizer:
     # specials inside the text (the demo separator) would otherwise be learned as merges of "<", "/", "s", ">"
     clean = (t.replace(DEMO_SEP, " ") for t in texts)
     tok.train_from_iterator(clean, trainer)
-    return tok
+    return TextTokenizer(tok, BOS, EOS, PAD)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path) -> TextTokenizer:
+    """A tokenizer.json file of ours (specials at ids 0, 1, 2), or a checkpoint directory's tokenizer.json with
+    that checkpoint's special ids: a checkpoint of train.py records them in config.json ("specials"); a Hugging
+    Face checkpoint follows its family (hf_specials)."""
+    path = Path(path)
+    meta = {}
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            meta = json.loads((path / "config.json").read_text())
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
     tok = Tokenizer.from_file(str(path))
+    if "model_type" in meta:
+        return TextTokenizer(tok, **hf_specials(tok, meta, path.parent))
+    if meta.get("specials"):
+        return TextTokenizer(tok, **meta["specials"])
     if [tok.token_to_id(s) for s in SPECIALS] != [PAD, BOS, EOS]:
         raise ValueError(f"{path}: expected special tokens {SPECIALS} at ids 0, 1, 2")
-    return tok
+    return TextTokenizer(tok, BOS, EOS, PAD)
+
+
+def hf_specials(tok, config, ckpt_dir):
+    """The special ids of a Hugging Face checkpoint, as its own files say:
+    bos: the token its tokenizer's post-processor puts before the text (XGLM "</s>", Llama 3
+         "<|begin_of_text|>"), or None where it puts none (GPT-2, BLOOM, Qwen2);
+    eos: config.json's eos_token_id (the first of a list), else tokenizer_config.json's eos_token;
+    pad: config.json's pad_token_id, else tokenizer_config.json's pad_token, else eos (always masked)."""
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    added = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    extra = {}
+    if (Path(ckpt_dir) / "tokenizer_config.json").is_file():
+        extra = json.loads((Path(ckpt_dir) / "tokenizer_config.json").read_text())
+
+    def token_id(key):
+        v = config.get(f"{key}_token_id")
+        v = v[0] if isinstance(v, list) and v else v
+        if v is None and extra.get(f"{key}_token"):
+            t = extra[f"{key}_token"]
+            v = tok.token_to_id(t["content"] if isinstance(t, dict) else t)
+        return v
+    eos = token_id("eos")
+    if eos is None:
+        raise ValueError(f"{Path(ckpt_dir) / 'config.json'}: no eos_token_id (nor an eos_token in "
+                         "tokenizer_config.json): the end of a sentence cannot be marked")
+    pad = token_id("pad")
+    return dict(bos=added[-1] if added else None, eos=eos, pad=eos if pad is None else pad)
 
 
 def encode(tokenizer, texts):
     """Token ids of each text, no specials (tokenizers' parallel batch encoder)."""
-    return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    return [e.ids for e in tokenizer.encode_batch(texts)]
 
 # -----------------------------------------------------------------------------
 # readers: every malformed line raises ValueError("FILE:LINE: reason"); skip_bad=True skips and warns the count
@@ -841,25 +915,26 @@ def _lengths_mask(rows):
     return (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
 
 
-def sentence_row(ids, max_len):
+def sentence_row(ids, max_len, tokenizer):
     """A sentence as the contrastive term and eval.py's representation analysis see it: [BOS] ids [EOS].
     "last" pooling then reads the EOS state. The sentence's own last token (often ".") is followed by the
     next sentence in pretraining text, so aligning its state across languages erases the language the LM needs
     there (in the toy world the loss after "." rose far above uniform); EOS is only followed by a new document."""
-    return [BOS] + ids[:max_len - 2] + [EOS]
+    start = tokenizer.start
+    return start + ids[:max_len - 1 - len(start)] + [tokenizer.eos]
 
 
-def _collate_tokens(x, y, prompts, responses, groups, max_len):
-    pair_rows = [sentence_row(t, max_len) for t in x + y]  # x rows then y rows
-    instr_rows, label_rows = [], []
+def _collate_tokens(x, y, prompts, responses, groups, max_len, tokenizer):
+    pair_rows = [sentence_row(t, max_len, tokenizer) for t in x + y]  # x rows then y rows
+    instr_rows, label_rows, start = [], [], tokenizer.start
     for p, r in zip(prompts, responses):
-        r = (r + [EOS])[:max_len - 1]  # only a response longer than max_len loses its end (and EOS)
-        p = p[max(0, len(p) - (max_len - 1 - len(r))):]  # over-long prompts lose their start, BOS stays
-        instr_rows.append([BOS] + p + r)
-        label_rows.append([-100] * (1 + len(p)) + r)
-    return dict(pair_ids=_pad(pair_rows, PAD), pair_mask=_lengths_mask(pair_rows),
+        r = (r + [tokenizer.eos])[:max_len - 1 - len(start)]  # only a response longer than max_len loses its end
+        p = p[max(0, len(p) - (max_len - len(start) - len(r))):]  # over-long prompts lose their start, BOS stays
+        instr_rows.append(start + p + r)
+        label_rows.append([-100] * (len(start) + len(p)) + r)
+    return dict(pair_ids=_pad(pair_rows, tokenizer.pad), pair_mask=_lengths_mask(pair_rows),
                 pair_groups=torch.tensor(groups, dtype=torch.long),
-                instr_ids=_pad(instr_rows, PAD), instr_mask=_lengths_mask(instr_rows),
+                instr_ids=_pad(instr_rows, tokenizer.pad), instr_mask=_lengths_mask(instr_rows),
                 instr_labels=_pad(label_rows, -100))
 
 
@@ -875,7 +950,7 @@ def collate_align(examples, tokenizer, max_len, groups=None) -> dict:
     pair_groups (B,), instr_ids (B,Li), instr_mask, instr_labels (token ids on response + EOS, else -100).
     Pairs and instructions are padded separately (right padding, pad id 0)."""
     x, y, p, r = _tokenize_align(examples, tokenizer)
-    return _collate_tokens(x, y, p, r, _text_groups(examples) if groups is None else groups, max_len)
+    return _collate_tokens(x, y, p, r, _text_groups(examples) if groups is None else groups, max_len, tokenizer)
 
 
 def _step_indices(n, batch_size, seed, step, rank, world_size, perms):
@@ -912,6 +987,7 @@ class AlignData:
         self.pair_batch_size = pair_batch_size or batch_size
         self.seed, self.rank, self.world_size, self._perms, self._pair_perms = seed, rank, world_size, {}, {}
         self.indices(0), self.pair_indices(0)  # check the sizes, rank and world_size before the work below
+        self.tokenizer = tokenizer
         self.tokens = list(zip(*_tokenize_align(examples, tokenizer)))
         self.groups = _text_groups(examples)
 
@@ -929,7 +1005,7 @@ class AlignData:
         idx, pair_idx = self.indices(step), self.pair_indices(step)
         x, y = [self.tokens[i][0] for i in pair_idx], [self.tokens[i][1] for i in pair_idx]
         p, r = [self.tokens[i][2] for i in idx], [self.tokens[i][3] for i in idx]
-        return _collate_tokens(x, y, p, r, [self.groups[i] for i in pair_idx], self.max_len)
+        return _collate_tokens(x, y, p, r, [self.groups[i] for i in pair_idx], self.max_len, self.tokenizer)
 
 
 class PretrainData:
@@ -938,7 +1014,8 @@ class PretrainData:
 
     def __init__(self, docs_or_token_array, tokenizer, block_size, batch_size, seed, rank=0, world_size=1):
         if isinstance(docs_or_token_array, (list, tuple)):
-            stream = np.concatenate([np.array([BOS, *d, EOS]) for d in encode(tokenizer, docs_or_token_array)])
+            stream = np.concatenate([np.array([*tokenizer.start, *d, tokenizer.eos])
+                                     for d in encode(tokenizer, docs_or_token_array)])
         else:
             stream = np.asarray(docs_or_token_array, dtype=np.int64).reshape(-1)
         if len(stream) < 2:

@@ -84,11 +84,12 @@ class EvalConfig:
 # Log-likelihood of choices
 
 def encode_choices(tokenizer, contexts, choices, max_len):
-    """[BOS] + tokens(context + choice) per item and choice, and the index of the choice's first token.
-    Returns (seqs, starts, n_cut); n_cut items lost context tokens to fit max_len; an item whose choice alone
-    does not fit gets None."""
+    """[BOS] + tokens(context + choice) per item and choice (no BOS where the model's family has none), and
+    the index of the choice's first token. Returns (seqs, starts, n_cut); n_cut items lost context tokens to fit
+    max_len; an item whose choice alone does not fit gets None."""
     flat = [c + ch for c, chs in zip(contexts, choices) for ch in chs]
-    encs = iter(tokenizer.encode_batch(flat, add_special_tokens=False))
+    encs = iter(tokenizer.encode_batch(flat))
+    start = tokenizer.start
     seqs, starts, n_cut = [], [], 0
     for context, chs in zip(contexts, choices):
         item_seqs, item_starts = [], []
@@ -97,13 +98,14 @@ def encode_choices(tokenizer, contexts, choices, max_len):
                 raise ValueError(f"empty choice after {context[-60:]!r}")
             enc = next(encs)
             ends = np.array([e for _, e in enc.offsets])
-            item_starts.append(1 + int(np.argmax(ends > len(context))))  # first token reaching into the choice
-            item_seqs.append([data.BOS] + enc.ids)
-        cut = max(map(len, item_seqs)) - max_len
-        if cut > 0 and cut >= min(item_starts) - 1:
+            # the first token reaching into the choice; never token 0, which no logit predicts
+            item_starts.append(max(1, len(start) + int(np.argmax(ends > len(context)))))
+            item_seqs.append(start + enc.ids)
+        cut, n = max(map(len, item_seqs)) - max_len, len(start)
+        if cut > 0 and cut >= min(item_starts) - max(n, 1):
             item_seqs = item_starts = None
         elif cut > 0:                                                    # drop context tokens after BOS
-            item_seqs, item_starts = [s[:1] + s[1 + cut:] for s in item_seqs], [t - cut for t in item_starts]
+            item_seqs, item_starts = [s[:n] + s[n + cut:] for s in item_seqs], [t - cut for t in item_starts]
             n_cut += 1
         seqs.append(item_seqs)
         starts.append(item_starts)
@@ -245,7 +247,7 @@ def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, 
         while True:
             context = "".join(data.demo_text(d) + separator for d in shots) + item.prefix
             longest = max(map(len, data.encode(tokenizer, [context + c for c in item.choices])))
-            if not shots or 1 + longest <= model.cfg.max_seq_len:
+            if not shots or len(tokenizer.start) + longest <= model.cfg.max_seq_len:
                 break
             shots = shots[1:]                                        # too long: drop the leftmost demo
         truncated += len(shots) < k
@@ -267,10 +269,11 @@ def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, 
 
 @torch.no_grad()
 def sentence_embeddings(model, tokenizer, sentences, layer=None, pooling="last", batch_size=64):
-    """Pooled hidden states of data.sentence_row (BOS sentence EOS): (N, D) at `layer`, or (n_layer + 1, N, D) for layer=None."""
+    """Pooled hidden states of data.sentence_row ([BOS] sentence EOS): (N, D) at `layer`, or (n_layer + 1, N, D)
+    for layer=None."""
     model.eval()
     dev = next(model.parameters()).device
-    seqs = [data.sentence_row(ids, model.cfg.max_seq_len) for ids in data.encode(tokenizer, sentences)]
+    seqs = [data.sentence_row(ids, model.cfg.max_seq_len, tokenizer) for ids in data.encode(tokenizer, sentences)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))       # similar lengths share a batch
     parts = []
     for b in range(0, len(order), batch_size):
@@ -312,13 +315,16 @@ def language_id_accuracy(groups):
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts, batch_size=16):
-    """{ppl per token, bits_per_char, tokens} of [BOS] text [EOS]; a text too long is cut (and loses EOS)."""
-    dev, max_len = next(model.parameters()).device, model.cfg.max_seq_len
+    """{ppl per token, bits_per_char, tokens} of [BOS] text EOS; a text too long is cut (and loses EOS).
+    Without a BOS (GPT-2, BLOOM, Qwen2) the first token is not scored."""
+    dev, max_len, start = next(model.parameters()).device, model.cfg.max_seq_len, tokenizer.start
     seqs, chars = [], 0
-    for text, enc in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
-        fits = len(enc.ids) + 2 <= max_len
-        seqs.append([data.BOS] + (enc.ids + [data.EOS] if fits else enc.ids[:max_len - 1]))
-        chars += len(text) + 1 if fits else enc.offsets[max_len - 2][1]   # + 1: the end of the text
+    for text, enc in zip(texts, tokenizer.encode_batch(texts)):
+        keep = max_len - len(start)
+        fits = len(enc.ids) + 1 <= keep
+        seqs.append(start + (enc.ids + [tokenizer.eos] if fits else enc.ids[:keep]))
+        chars += len(text) + 1 if fits else enc.offsets[keep - 1][1]     # + 1: the end of the text
+        chars -= 0 if start or not enc.ids else enc.offsets[0][1]          # the unscored first token
     nll = tokens = 0.0
     for b in range(0, len(seqs), batch_size):
         ids, mask = (t.to(dev) for t in pad_right(seqs[b:b + batch_size]))
@@ -440,14 +446,15 @@ def evaluate_model(model, tokenizer, data_dir, cfg=EvalConfig()):
 
 
 def evaluate(ckpt_dir, data_dir=None, tasks=None, shots=None, cfg=None):
-    """A checkpoint (config.json, model.pt, tokenizer.json in it or beside it) on data_dir, by default the
-    checkpoint's "data_dir"; tasks and shots override cfg's."""
+    """A checkpoint (config.json, model.pt, tokenizer.json in it or beside it; or a Hugging Face checkpoint
+    directory) on data_dir, by default the checkpoint's "data_dir"; tasks and shots override cfg's."""
     cfg = replace(cfg or EvalConfig(), **({"tasks": list(tasks)} if tasks is not None else {}),
                   **({"shots": tuple(shots)} if shots is not None else {}))
     ckpt = Path(ckpt_dir)
     model = load_model(ckpt, cfg.device)
     meta = json.loads((ckpt / "config.json").read_text())
     tok_file = next((p for p in (ckpt / "tokenizer.json", ckpt.parent / "tokenizer.json") if p.is_file()), None)
+    tok_file = ckpt if tok_file == ckpt / "tokenizer.json" else tok_file   # the checkpoint's own special ids
     if tok_file is None:
         raise FileNotFoundError(f"{ckpt}: no tokenizer.json in it or beside it")
     data_dir = data_dir or meta.get("data_dir")

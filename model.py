@@ -1,17 +1,26 @@
 """
-A small decoder-only transformer, written out in full so it reads in one sitting.
+A decoder-only transformer, written out in full so it reads in one sitting.
 
-One config expresses two block flavours, so that real checkpoints can later be imported:
-  GPT / BLOOM / XGLM style : LayerNorm, GELU MLP, learned positions      (norm="layernorm", mlp="gelu", pos="learned")
-  Llama style              : RMSNorm, SwiGLU MLP, rotary positions, GQA (norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head<n_head)
+One config expresses the models we pretrain here and five families of real checkpoints (hf.py maps their
+weights). Every family is pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). What differs, as in the public
+transformers source of each family:
 
-Padding: positions come from the attention mask (the i-th real token of a row has position i), and pad keys
-are never attended, so a sequence gives the same outputs alone, left-padded or right-padded in a batch.
-A key/value cache serves incremental decoding (`generate`) and scoring many continuations after one shared
-prefix (`repeat_kv`, used by eval.py).
+  family   norm       MLP              positions                         other
+  gpt2     LayerNorm  GELU (tanh)      learned table                     fused, transposed qkv (Conv1D)
+  xglm     LayerNorm  GELU (exact)     sinusoids, row p + 2 for pos p    token embeddings * sqrt(d_model)
+  bloom    LayerNorm  GELU (tanh)      ALiBi biases on the scores        LayerNorm right after the embeddings
+  llama    RMSNorm    SwiGLU           RoPE (llama3 frequency scaling)   no biases, grouped-query attention
+  qwen2    RMSNorm    SwiGLU           RoPE, theta 1e6                   biases on q, k, v only
+  ours     "gpt": LayerNorm, exact GELU, learned positions; "llama": RMSNorm, SwiGLU, RoPE
 
-Hidden states: index 0 is the embedding output, index i the output of block i. The paper's pooler "last-1"
-is the last real token of index 1, i.e. the output of the first block.
+Padding: positions come from the attention mask (the i-th real token of a row has position i; ALiBi reads the
+same positions for its keys), and pad keys are never attended, so a sequence gives the same outputs alone,
+left-padded or right-padded in a batch. A key/value cache serves incremental decoding (`generate`) and scoring
+many continuations after one shared prefix (`repeat_kv`, used by eval.py).
+
+Hidden states, indexed as transformers' output_hidden_states: index 0 is the embedding output (after BLOOM's
+embedding LayerNorm), index i the output of block i, and the last one passes through the final norm. The
+paper's pooler "last-1" is the last real token of index 1, i.e. the output of the first block.
 """
 
 import json
@@ -22,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -34,27 +44,38 @@ class ModelConfig:
     d_model: int = 256
     d_ff: int = 0               # 0 = 4 * d_model for GELU, the usual 8/3 * d_model (rounded to 64) for SwiGLU
     norm: str = "layernorm"     # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"           # "gelu" | "swiglu"
-    pos: str = "learned"        # "learned" | "rope"
+    mlp: str = "gelu"           # "gelu" (exact) | "gelu_tanh" (the tanh approximation) | "swiglu"
+    pos: str = "learned"        # "learned" | "sinusoidal" | "rope" | "alibi"
+    pos_offset: int = 0         # sinusoidal: position p reads row p + pos_offset (XGLM: 2)
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", factor, low_freq_factor, high_freq_factor,
+                                      #  original_max_position_embeddings} (Llama 3.1/3.2), None = plain RoPE
+    embed_scale: float = 1.0    # token embeddings are multiplied by this (XGLM: sqrt(d_model))
+    embed_norm: bool = False    # a norm right after the embeddings (BLOOM)
     bias: bool = True           # biases in linear layers and LayerNorm (GPT-2 yes, Llama no)
+    qkv_bias: bool | None = None  # biases on q, k, v when they differ from `bias` (Qwen2: True with bias False)
     tie_embeddings: bool = True # output head shares the token embedding matrix
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    model_type: str = ""        # the Hugging Face family this config was read from (hf.py); "" = pretrained here
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         if min(self.n_head, self.n_kv_head) <= 0:
             raise ValueError(f"ModelConfig: n_head and n_kv_head must be positive, got {self.n_head}, {self.n_kv_head}")
         if not self.d_ff:
-            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+            self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         checks = [
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
-            (self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}"),
-            (self.pos in ("learned", "rope"), f"pos must be 'learned' or 'rope', got {self.pos!r}"),
+            (self.mlp in ("gelu", "gelu_tanh", "swiglu"), f"mlp must be 'gelu', 'gelu_tanh' or 'swiglu', got {self.mlp!r}"),
+            (self.pos in ("learned", "sinusoidal", "rope", "alibi"),
+             f"pos must be 'learned', 'sinusoidal', 'rope' or 'alibi', got {self.pos!r}"),
             (self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"),
             (self.pos != "rope" or (self.d_model // self.n_head) % 2 == 0, "rope needs an even head size"),
+            (rope_type in ("default", "llama3"), f"rope_scaling type {rope_type!r} is not supported (default, llama3)"),
+            (self.pos != "sinusoidal" or self.d_model >= 4, "sinusoidal positions need d_model >= 4"),
             (min(self.vocab_size, self.max_seq_len, self.n_layer, self.d_model) > 0, "sizes must be positive"),
         ]
         for ok, msg in checks:
@@ -75,9 +96,35 @@ def make_norm(cfg):
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_angles(positions, head_dim, theta, dtype=torch.float32):
-    """cos, sin of the rotary angles pos * theta^(-2i/head_dim), each (B, 1, T, head_dim), in at least fp32."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+# --------------------------------------------------------------------------------------------------------
+# Positions: each a function of the (B, T) positions that the attention mask gives
+
+def sinusoids(positions, dim, offset, dtype=torch.float32):
+    """XGLM's (fairseq's) table row p + offset: [sin(p w_0..), cos(p w_0..)], w_i = 10000^(-i / (dim/2 - 1)),
+    a zero column appended for odd dim. (B, T, dim), in at least fp32 (transformers builds the table in fp32)."""
+    half = dim // 2
+    w = torch.exp(torch.arange(half, device=positions.device, dtype=dtype) * -(math.log(10000) / (half - 1)))
+    angles = (positions + offset).to(dtype)[..., None] * w                  # (B, T, half)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def rope_inv_freq(head_dim, theta, scaling, device, dtype):
+    """theta^(-2i/head_dim), and Llama 3's rescaling: wavelengths beyond original_max / low_freq_factor are
+    stretched by `factor`, those below original_max / high_freq_factor kept, the band between interpolated."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+    if not scaling or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)         # 0 beyond the low band, 1 below the high
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_angles(positions, head_dim, theta, scaling=None, dtype=torch.float32):
+    """cos, sin of the rotary angles pos * inv_freq_i, each (B, 1, T, head_dim), in at least fp32."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device, dtype)
     angles = positions.to(dtype)[..., None] * inv_freq        # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]     # (B, 1, T, head_dim), the half-split layout of Llama
     return angles.cos(), angles.sin()
@@ -90,47 +137,64 @@ def apply_rope(x, cos, sin):
     return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).type_as(x)
 
 
+def alibi_slopes(n_head):
+    """ALiBi's head slopes (Press et al. 2022): 2^(-8i/n) for i = 1..n when n is a power of 2; otherwise those of
+    the largest power of 2 below n, then every other slope of twice that many heads (as BLOOM does)."""
+    def powers(n):
+        return [2 ** (-8 * i / n) for i in range(1, n + 1)]
+    p = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(powers(p) + powers(2 * p)[0::2][:n_head - p], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Blocks
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=cfg.bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask, rope, past, q_from=0):
-        """q_from > 0: queries (and outputs) for positions q_from.. only; keys and values for all."""
+    def forward(self, x, attn_mask, rope, past):
+        """attn_mask: None (plain causal), bool (allowed keys) or float (added to the scores: ALiBi)."""
         B, T, _ = x.shape
-        Tq = T - q_from
-        q = self.q(x[:, q_from:]).view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *(r[:, :, q_from:] for r in rope)), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:                                   # keys/values of earlier tokens
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, Tq, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o(y)), (k, v)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.kind = cfg.mlp
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if self.swiglu else None
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x))
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.down(h))
 
 
@@ -142,11 +206,14 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, attn_mask, rope, past, q_from=0):
-        a, present = self.attn(self.norm1(x), attn_mask, rope, past, q_from)
-        x = x[:, q_from:] + a
+    def forward(self, x, attn_mask, rope, past):
+        a, present = self.attn(self.norm1(x), attn_mask, rope, past)
+        x = x + a
         return x + self.mlp(self.norm2(x)), present
 
+
+# --------------------------------------------------------------------------------------------------------
+# The decoder
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -154,12 +221,14 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        self.grad_checkpointing = False  # recompute each block in the backward instead of storing its activations
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream by 1/sqrt(2 * n_layer) so its variance stays put
         for name, p in self.named_parameters():
@@ -183,61 +252,34 @@ class Decoder(nn.Module):
         n_layers       run only the first n_layers blocks (hidden states only, no logits): the contrastive
                        term needs nothing above its pooling layer.
         logits_at      (B, T) bool: compute the logits at these positions only, returned as (N, V) in row-major
-                       order; the head and softmax over prompt tokens whose next token carries no loss are waste,
-                       and so is the top block's output before the first such column (keys and values excepted).
+                       order; at a real vocabulary (250k) the head over prompt tokens that carry no loss is the
+                       largest waste of the instruction rows.
         """
         B, T = input_ids.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-        S = past_len + T
         n_run = self.cfg.n_layer if n_layers is None else n_layers
         if not 0 <= n_run <= self.cfg.n_layer:
             raise ValueError(f"n_layers={n_layers} is out of range 0..{self.cfg.n_layer}")
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                             f"(past {past_len} + new {T} tokens)")
-        # positions count real tokens only, so pads (even mid-sequence) do not count towards the limit
-        longest = S if attention_mask is None or S <= self.cfg.max_seq_len else int(attention_mask.sum(1).max())
-        if longest > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {longest} exceeds max_seq_len={self.cfg.max_seq_len}")
-
-        # Without pads and cache the plain causal kernel applies; otherwise build (B, 1, T, S) explicitly.
-        if attention_mask is None or (past_kv is None and bool(attention_mask.all())):
-            attn_mask = None if past_len == 0 else torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)
-            positions = torch.arange(past_len, S, device=input_ids.device).expand(B, T)
-        else:
-            real = attention_mask.bool()
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]             # (B, T)
-            slot = torch.arange(S, device=input_ids.device)
-            causal = slot[None, :] <= slot[past_len:, None]                                  # (T, S)
-            attn_mask = causal & real[:, None, None, :]                                      # (B, 1, T, S)
-            # a pad query would see no key at all and softmax to NaN; let it see itself (its output is unused)
-            attn_mask = attn_mask | (slot[None, :] == slot[past_len:, None])
+        positions, attn_mask, rope = self.positions_and_mask(input_ids, attention_mask, past_len)
 
         x = self.tok_emb(input_ids)
-        rope = None
-        if self.pos_emb is not None:
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        if self.cfg.pos == "learned":
             x = x + self.pos_emb(positions)
-        else:
-            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta,
-                               torch.promote_types(x.dtype, torch.float32))
+        elif self.cfg.pos == "sinusoidal":
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            x = x + sinusoids(positions, self.cfg.d_model, self.cfg.pos_offset, dtype).to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
-
-        # With logits_at, the top block's output is read nowhere before the first logit column: there it only
-        # needs keys and values, so its queries, output projection and MLP start at that column.
-        q_from = 0
-        if logits_at is not None and compute_logits and n_run == self.cfg.n_layer \
-                and not (output_hidden_states or use_cache) and bool(logits_at.any()):
-            q_from = int(logits_at.any(0).nonzero()[0])
-            full = attn_mask if attn_mask is not None else \
-                torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)
-            top_mask = full[..., q_from:, :]                    # (B, 1, T - q_from, S) or (T - q_from, S)
 
         hidden = [x] if output_hidden_states else None
         present = [] if use_cache else None
         for i, block in enumerate(self.blocks[:n_run]):
             past = None if past_kv is None else past_kv[i]
-            if q_from and i == n_run - 1:
-                x, kv = block(x, top_mask, rope, past, q_from)      # (B, T - q_from, D)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = checkpoint(block, x, attn_mask, rope, past, use_reentrant=False)
             else:
                 x, kv = block(x, attn_mask, rope, past)
             if use_cache:
@@ -246,9 +288,54 @@ class Decoder(nn.Module):
                 hidden.append(x)
 
         logits = None
-        if compute_logits and n_run == self.cfg.n_layer:
-            logits = self.head(self.norm_f(x if logits_at is None else x[logits_at[:, q_from:]]))
+        if n_run == self.cfg.n_layer:
+            x = self.norm_f(x)                        # the last hidden state is the normed one, as in transformers
+            if output_hidden_states:
+                hidden[-1] = x
+            if compute_logits:
+                logits = self.head(x if logits_at is None else x[logits_at])       # (B, T, V) or (N, V)
         return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
+
+    def positions_and_mask(self, input_ids, attention_mask, past_len):
+        """(positions (B, T) of the new tokens, the mask for scaled_dot_product_attention, rope (cos, sin) or None).
+        The mask is None for the plain causal case, else (B, 1, T, S) bool, or float with ALiBi's biases."""
+        B, T = input_ids.shape
+        S, dev = past_len + T, input_ids.device
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                             f"(past {past_len} + new {T} tokens)")
+        # positions count real tokens only, so pads (even mid-sequence) do not count towards the limit
+        longest = S if attention_mask is None or S <= self.cfg.max_seq_len else int(attention_mask.sum(1).max())
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {longest} exceeds max_seq_len={self.cfg.max_seq_len}")
+
+        if attention_mask is None or (past_len == 0 and bool(attention_mask.all())):
+            key_pos = torch.arange(S, device=dev).expand(B, S)
+            mask = None if past_len == 0 else torch.ones(T, S, dtype=torch.bool, device=dev).tril(past_len)
+        else:
+            real = attention_mask.bool()
+            key_pos = (real.long().cumsum(-1) - 1).clamp(min=0)                          # (B, S)
+            slot = torch.arange(S, device=dev)
+            causal = slot[None, :] <= slot[past_len:, None]                              # (T, S)
+            # a pad query would see no key at all and softmax to NaN; let it see itself (its output is unused)
+            mask = (causal & real[:, None, None, :]) | (slot[None, :] == slot[past_len:, None])  # (B, 1, T, S)
+        positions = key_pos[:, past_len:]
+
+        rope = None
+        if self.cfg.pos == "rope":
+            dtype = torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
+            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta,
+                               self.cfg.rope_scaling, dtype)
+        elif self.cfg.pos == "alibi":
+            # slope_h * key position: within a query's row this equals -slope_h * distance up to a constant,
+            # which softmax ignores (BLOOM's formulation, so that it reads positions from the mask)
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(past_len)
+            dtype = torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
+            slopes = alibi_slopes(self.cfg.n_head).to(dev, dtype)
+            bias = slopes[None, :, None, None] * key_pos[:, None, None, :].to(dtype)    # (B, H, 1, S)
+            mask = bias.masked_fill(~mask, float("-inf"))                                # (B, H, T, S)
+        return positions, mask, rope
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None,
@@ -306,8 +393,13 @@ def repeat_kv(past_kv, n):
 
 
 def load_model(ckpt_dir, device="cpu"):
-    """The Decoder saved by train.py in ckpt_dir (config.json + model.pt)."""
+    """The Decoder in ckpt_dir: a checkpoint of train.py (config.json + model.pt), or a Hugging Face checkpoint
+    directory of a supported family (config.json with its model_type, *.safetensors or pytorch_model.bin)."""
     ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "model.pt").is_file() and (ckpt_dir / "config.json").is_file() \
+            and "model_type" in json.loads((ckpt_dir / "config.json").read_text()):
+        import hf  # late: hf.py imports this file
+        return hf.load_hf_model(ckpt_dir, device)
     for name in ("config.json", "model.pt"):
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint directory (missing {name})")

@@ -83,8 +83,8 @@ def test_batch_size_invariance(tok, prefix_cache):
 def test_hand_computed_log_likelihood(tok):
     model = make_model(tok)
     context, choice = "the cat", " sat on the mat."
-    ctx = tok.encode(context, add_special_tokens=False).ids
-    full = tok.encode(context + choice, add_special_tokens=False).ids
+    ctx = tok.encode(context).ids
+    full = tok.encode(context + choice).ids
     assert full[:len(ctx)] == ctx                                     # no token spans the join here
     ids = [data.BOS] + full
     with torch.no_grad():
@@ -111,8 +111,8 @@ def check_boundary(tok, context, choice):
 
 def test_token_boundary_without_spaces(tok):
     context, choice = "问题：答案", "对"
-    naive = tok.encode(context, add_special_tokens=False).ids
-    joint = tok.encode(context + choice, add_special_tokens=False).ids
+    naive = tok.encode(context).ids
+    joint = tok.encode(context + choice).ids
     assert joint[:len(naive)] != naive                                # "答案对" merges across the join
     seq, start = check_boundary(tok, context, choice)
     assert "答" in tok.decode(seq[start:])                            # the merged token is scored as the choice's
@@ -121,8 +121,8 @@ def test_token_boundary_without_spaces(tok):
 
 
 def test_token_boundary_join_merges_into_one_token(tok):
-    naive = tok.encode("the cat", add_special_tokens=False).ids
-    joint = tok.encode("the cats", add_special_tokens=False).ids
+    naive = tok.encode("the cat").ids
+    joint = tok.encode("the cats").ids
     assert joint[:len(naive)] != naive and len(joint) == len(naive)   # " cat" + "s" -> " cats"
     seq, start = check_boundary(tok, "the cat", "s")
     assert len(seq) - start == 1
@@ -173,7 +173,7 @@ def test_long_prompts_drop_whole_demos_from_the_left(tok, monkeypatch):
     for context in seen:
         parts = context.split(data.DEMO_SEP)
         assert 1 <= len(parts) < 6 and all(p in demos for p in parts[:-1])   # whole demos only
-        assert all(1 + len(tok.encode(context + c, add_special_tokens=False).ids) <= 40 for c in (" Yes", " No"))
+        assert all(1 + len(tok.encode(context + c).ids) <= 40 for c in (" Yes", " No"))
 
 
 # ----------------------------------------------------------------------------- representations
