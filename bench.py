@@ -95,23 +95,18 @@ def align_workload(device, vocab=2048, n_pairs=16, pair_len=32, n_instr=16, inst
 def align_flops(model, batch):
     """Training FLOPs of one align step on `batch` (model.flops_per_token's accounting): (ours, the authors' way).
     Ours: the pair rows run forward and backward through the pooling layer's blocks only; on the instruction
-    rows the head runs at response positions only, and the top block computes only keys and values before the
-    first of them. The authors' way: the pair rows run forward through every block and the head, but backward
+    rows the head runs at response positions only. The authors' way: the pair rows run forward through every block and the head, but backward
     only below the pooling layer (nothing above it reaches the loss); the instruction rows run in full.
     Matmuls only (the softmax over skipped logits is not counted): the ratio is the saving that the skipped
     matmuls predict."""
     head = 2 * model.head.weight.numel()                     # forward FLOPs of the head per token
     T_pair, T_instr = batch["pair_ids"].shape[1], batch["instr_ids"].shape[1]
     block = lambda T: (model.flops_per_token(T, training=False) - head) / model.cfg.n_layer  # forward, one block
-    top = model.blocks[-1].attn
-    kv_only = 2 * (top.k.weight.numel() + top.v.weight.numel())
     n_pair, (n_rows, _) = batch["pair_ids"].numel(), batch["instr_ids"].shape
     at = xalign.scored_positions(batch["instr_labels"])
-    q_from = int(at.any(0).nonzero()[0])
     k = xalign.AFPConfig().layer
     ours = (n_pair * 3 * k * block(T_pair)
             + n_rows * T_instr * (model.flops_per_token(T_instr) - 3 * head)
-            - n_rows * q_from * 3 * (block(T_instr) - kv_only)
             + int(at.sum()) * 3 * head)
     authors = (n_pair * (model.flops_per_token(T_pair, training=False) + 2 * k * block(T_pair))
                + n_rows * T_instr * model.flops_per_token(T_instr))

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, processors
 
 from model import Decoder, ModelConfig
 
@@ -154,7 +155,7 @@ def config_to_hf(cfg, base=None):
                       scale_embedding=cfg.embed_scale != 1.0)
     elif t == "bloom":
         fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      layer_norm_epsilon=cfg.norm_eps)
+                      layer_norm_epsilon=cfg.norm_eps, seq_length=cfg.max_seq_len)
     else:
         fields = dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, hidden_size=cfg.d_model,
                       intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -336,9 +337,20 @@ def load_hf_model(ckpt_dir, device="cpu", dtype=torch.float32):
     with torch.device("meta"):                                  # no time spent on a random init
         model = Decoder(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.head.weight = model.tok_emb.weight
-    return model.to(device)
+    return model.tie_weights().to(device)
+
+
+def with_bos(tokenizer):
+    """tokenizer.tokenizer, with a post-processor that puts tokenizer.bos before the text where it has none:
+    a Hugging Face tokenizer adds the BOS itself, and data.hf_specials reads it back from there."""
+    tok = tokenizer.tokenizer
+    if tokenizer.bos is None or tok.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos]:
+        return tok
+    tok = Tokenizer.from_str(tok.to_str())
+    bos = tok.id_to_token(tokenizer.bos)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tokenizer.bos)])
+    return tok
 
 
 def save_hf(model, tokenizer, out_dir, base=None):
@@ -362,7 +374,7 @@ def save_hf(model, tokenizer, out_dir, base=None):
     for p in copied:
         shutil.copy2(p, tmp / p.name)
     if not copied:  # our own tokenizer: tokenizer.json and the few fields transformers' fast tokenizer reads
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        with_bos(tokenizer).save(str(tmp / "tokenizer.json"))
         token = lambda i: None if i is None else tokenizer.id_to_token(i)
         (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class="PreTrainedTokenizerFast", bos_token=token(tokenizer.bos), eos_token=token(tokenizer.eos),

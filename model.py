@@ -226,14 +226,19 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.tie_weights()
         self.grad_checkpointing = False  # recompute each block in the backward instead of storing its activations
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream by 1/sqrt(2 * n_layer) so its variance stays put
         for name, p in self.named_parameters():
             if name.endswith(("attn.o.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def tie_weights(self):
+        """Share the embedding matrix with the head again (loading with assign=True replaces it). Returns self."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        return self
 
     @staticmethod
     def _init_weights(m):
@@ -404,6 +409,7 @@ def load_model(ckpt_dir, device="cpu"):
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint directory (missing {name})")
     cfg = ModelConfig(**json.loads((ckpt_dir / "config.json").read_text())["model"])
-    model = Decoder(cfg)
-    model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location=device, weights_only=True))
-    return model.to(device)
+    with torch.device("meta"):                                  # no time spent on a random init
+        model = Decoder(cfg)
+    model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location=device, weights_only=True), assign=True)
+    return model.tie_weights().to(device)

@@ -7,12 +7,15 @@ By default the align stage also replays the base model's pretraining text (--rep
                                                      # align, evaluate both (eval.py) side by side
     python train.py --preset tiny --out /tmp/t       # the same in seconds
     python train.py --stage align --init runs/default/base --out runs/mine --pairs en-de.tsv
+    python train.py --stage align --init ~/models/xglm-564M --preset paper --pairs en-zh.tsv --out runs/xglm
+                                                     # a Hugging Face checkpoint (hf.py); also writes OUT/aligned.hf
     torchrun --nproc_per_node 4 train.py ...         # data parallel; contrastive negatives gathered across ranks
 
 Run directory (--out):
   data/                      the toy world (data.write_world), unless --data-dir or real data is given
   tokenizer.json             byte-level BPE
   base/  aligned/            best checkpoint of each stage by dev loss (config.json, model.pt, tokenizer.json)
+  aligned.hf/                the best aligned checkpoint in its family's Hugging Face layout (HF bases only)
   base.last/  aligned.last/  latest checkpoint + state.pt (optimizer, scheduler, RNG, step), for --resume
   log.jsonl                  every logged step and every dev evaluation
   results.json               eval.py on base and aligned (--stage all)
@@ -42,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import hf
 import xalign
 from model import Decoder, ModelConfig, load_model
 
@@ -57,12 +61,14 @@ class TrainConfig:
                              "all: both, then eval.py on both", choices=("pretrain", "align", "all"))
     out: str = flag("runs/default", "run directory")
     init: str = flag("", "align: pretrained checkpoint directory (default OUT/base)")
-    preset: str = flag("default", "tiny: a seconds-long run for tests; default: the README experiment",
-                       choices=("tiny", "default"))
+    preset: str = flag("default", "tiny: a seconds-long run for tests; default: the README experiment; paper: "
+                                  "the authors' align hyperparameters, for real models (its values are those in "
+                                  "brackets below)", choices=("tiny", "default", "paper"))
     resume: bool = flag(False, "continue from OUT/<stage>.last exactly where it stopped")
     seed: int = flag(0, "seed of python, numpy, torch and of the toy world")
     device: str = flag("auto", "auto (cuda when present), cpu, cuda, cuda:1, ...")
     compile: bool = flag(False, "torch.compile the model")
+    grad_checkpointing: bool = flag(False, "recompute each block in the backward: less memory for 1B+ models")
     eval: bool = flag(True, "--stage all: evaluate base and aligned with eval.py at the end")
     # data
     data_dir: str = flag("", "an existing toy world (data.py toy --out DIR); default: build one in OUT/data")
@@ -121,6 +127,12 @@ class TrainConfig:
 
 PRESETS = {
     "default": {},
+    # the authors' script: lr 1e-5, cosine to 0 after 3% warmup, 5,000 steps, 2 rows per device, whose pairs are
+    # the contrastive batch, 512 tokens, clip 1.0, no weight decay, no replay (per-device batch x GPUs: scale
+    # --align-batch-size with torchrun)
+    "paper": dict(align_lr=1e-5, warmup_ratio=0.03, min_lr_ratio=0.0, align_steps=5000, align_batch_size=2,
+                  align_pair_batch_size=0, max_len=512, grad_clip=1.0, align_weight_decay=0.0, temperature=0.05,
+                  pooling="last", layer=1, cl_weight=1.0, clm_weight=1.5, replay_weight=0.0, eval_every=500),
     "tiny": dict(world_words=20_000, vocab_size=400, n_layer=2, n_head=2, d_model=32, block_size=64,
                  pretrain_steps=30, pretrain_batch_size=8, pretrain_lr=3e-3, align_steps=10, align_batch_size=8,
                  align_pair_batch_size=0,
@@ -181,6 +193,8 @@ def parse_config(argv=None):
                                   f"use --pretrain-{short.replace('_', '-')} and --align-{short.replace('_', '-')}")
             given[f"{stage}_{short}"] = args[short]
     cfg = TrainConfig(**{**PRESETS[given.get("preset", "default")], **given})
+    if cfg.stage == "align" and not cfg.text and "replay_weight" not in given and hf.is_hf_checkpoint(init_dir(cfg)):
+        cfg = replace(cfg, replay_weight=0.0)  # a Hugging Face base carries no pretraining text to replay
     check_config(cfg)
     return cfg
 
@@ -256,6 +270,26 @@ def check_inputs(cfg):
     if cfg.stage != "align":
         return
     init = Path(init_dir(cfg))
+    if hf.is_hf_checkpoint(init):
+        mcfg = check_hf_init(cfg, init)
+    else:
+        mcfg = check_own_init(cfg, init)
+    check_layer(cfg, mcfg.n_layer)
+    if cfg.max_len > mcfg.max_seq_len:
+        raise ConfigError(f"--max-len {cfg.max_len} exceeds the init model's max_seq_len {mcfg.max_seq_len}")
+    if cfg.replay_weight and replay_source(cfg) is None:
+        where = ("is a Hugging Face checkpoint, which carries no pretraining text" if mcfg.model_type else
+                 "names no pretraining text that exists here in its config.json")
+        raise ConfigError(f"--replay-weight {cfg.replay_weight} replays the base model's pretraining text, but "
+                          f"{init} {where}: give it with --text, or turn replay off with --replay-weight 0 "
+                          "(the paper's method alone)")
+    if cfg.replay_weight and cfg.block_size > mcfg.max_seq_len:
+        raise ConfigError(f"--block-size {cfg.block_size} (replayed blocks) exceeds the init model's max_seq_len "
+                          f"{mcfg.max_seq_len}")
+
+
+def check_own_init(cfg, init):
+    """A checkpoint of train.py: loadable, and its tokenizer fits. Returns its ModelConfig."""
     missing = [n for n in ("config.json", "model.pt", "tokenizer.json") if not (init / n).is_file()]
     if missing:
         hint = "" if cfg.init else " (give --init CKPT, or run --stage pretrain with this --out first)"
@@ -269,18 +303,27 @@ def check_inputs(cfg):
     saved = torch.load(init / "model.pt", map_location="cpu", weights_only=True, mmap=True)
     if {k: tuple(v.shape) for k, v in saved.items()} != expected:
         raise ConfigError(f"--init {init}: model.pt does not match the model of its config.json")
-    if data.load_tokenizer(init / "tokenizer.json").get_vocab_size() != mcfg.vocab_size:
+    if data.load_tokenizer(init).get_vocab_size() != mcfg.vocab_size:
         raise ConfigError(f"--init {init}: tokenizer.json does not match the model's vocab_size {mcfg.vocab_size}")
-    check_layer(cfg, mcfg.n_layer)
-    if cfg.max_len > mcfg.max_seq_len:
-        raise ConfigError(f"--max-len {cfg.max_len} exceeds the init model's max_seq_len {mcfg.max_seq_len}")
-    if cfg.replay_weight and replay_source(cfg) is None:
-        raise ConfigError(f"--replay-weight {cfg.replay_weight} replays the base model's pretraining text, but "
-                          f"{init}/config.json names none that exists here: give it with --text, or turn replay off "
-                          "with --replay-weight 0 (the paper's method alone)")
-    if cfg.replay_weight and cfg.block_size > mcfg.max_seq_len:
-        raise ConfigError(f"--block-size {cfg.block_size} (replayed blocks) exceeds the init model's max_seq_len "
-                          f"{mcfg.max_seq_len}")
+    return mcfg
+
+
+def check_hf_init(cfg, init):
+    """A Hugging Face checkpoint: a supported family, weights and tokenizer present, alignment data given.
+    Returns its ModelConfig. (A tensor that is missing or misshapen is named when the weights are read.)"""
+    try:
+        mcfg = hf.config_from_hf(hf.read_config(init), init / "config.json")
+        hf.weight_files(init)
+        tokenizer = data.load_tokenizer(init)
+    except (hf.CheckpointError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--init {init}: {e}") from None
+    if tokenizer.get_vocab_size() > mcfg.vocab_size:
+        raise ConfigError(f"--init {init}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, more than the "
+                          f"model's vocab_size {mcfg.vocab_size}")
+    if not own_alignment_data(cfg):
+        raise ConfigError(f"--init {init} is a Hugging Face checkpoint: give its alignment data with --pairs, "
+                          "--afp-jsonl or --bactrian (the toy world is for the models pretrained here)")
+    return mcfg
 
 
 def own_alignment_data(cfg):
@@ -297,6 +340,8 @@ def replay_source(cfg):
     as its config.json records it (its --text files or its toy world); None if that is not on this machine."""
     if cfg.text:
         return cfg.text, None
+    if hf.is_hf_checkpoint(init_dir(cfg)):  # a Hugging Face base carries no pretraining text
+        return None
     meta = json.loads((Path(init_dir(cfg)) / "config.json").read_text())
     files, world = meta.get("train", {}).get("text"), meta.get("data_dir")
     if files and all(Path(f).is_file() for f in files):
@@ -710,14 +755,16 @@ def pretrain(cfg, env, world_dir):
              f"documents, {cfg.pretrain_steps} steps x {cfg.pretrain_batch_size * cfg.grad_accum} blocks x "
              f"{cfg.block_size} tokens on {env.world_size} x {env.device}")
     hp = dict(steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, weight_decay=cfg.pretrain_weight_decay, betas=(0.9, 0.95))
-    meta = dict(model=asdict(model.cfg), train=asdict(cfg), data_dir=str(world_dir) if world_dir else None)
+    meta = dict(model=asdict(model.cfg), train=asdict(cfg), data_dir=str(world_dir) if world_dir else None,
+                specials=tokenizer.specials())
     return train_stage("pretrain", cfg, env, model, tokenizer, lm_loss, train_data, dev_data, hp, meta)
 
 
 def align(cfg, env, world_dir):
     init = Path(init_dir(cfg))
     model = load_model(init, env.device)
-    tokenizer = data.load_tokenizer(init / "tokenizer.json")
+    model.grad_checkpointing = cfg.grad_checkpointing
+    tokenizer = data.load_tokenizer(init)
     init_meta = json.loads((init / "config.json").read_text())
     train_ex, dev_ex = align_examples(cfg, world_dir)
     if len(dev_ex) < 2:
@@ -744,9 +791,12 @@ def align(cfg, env, world_dir):
     hp = dict(steps=cfg.align_steps, lr=cfg.align_lr, weight_decay=cfg.align_weight_decay, betas=(0.9, 0.999))
     pre_tokens = init_meta.get("tokens")
     meta = dict(model=asdict(model.cfg), train=asdict(cfg), data_dir=str(world_dir) if world_dir else None,
-                init=str(init), pretrain_tokens=pre_tokens)
+                init=str(init), pretrain_tokens=pre_tokens, specials=tokenizer.specials())
     loss_fn = partial(align_loss, afp=afp, replay_weight=cfg.replay_weight)
     best, tokens = train_stage("align", cfg, env, model, tokenizer, loss_fn, train_data, dev_data, hp, meta)
+    if hf.is_hf_checkpoint(init) and env.master:  # the aligned model where transformers, lm-eval, vLLM read it
+        out = hf.save_hf(load_model(best), tokenizer, Path(cfg.out) / "aligned.hf", base=init)
+        log(env, f"align: the best checkpoint in {model.cfg.model_type}'s Hugging Face layout: {out}")
     if pre_tokens:
         log(env, f"align: {tokens:,} alignment tokens = {100 * tokens / pre_tokens:.2f}% of the {pre_tokens:,} "
                  "pretraining tokens", alignment_tokens=tokens, pretrain_tokens=pre_tokens,
@@ -790,7 +840,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, hf.CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:

@@ -241,8 +241,8 @@ def broken_ckpt(run_dir, tmp_path_factory):
     (["--data-dir", "{base}"], "not a toy world"),
     (["--device", "gpu0"], "is not a device"),
     (["--replay-weight", "-1"], "--replay-weight -1.0 must be >= 0"),
-    (["--stage", "align", "--init", "{orphan}", "--pairs", "{pairs}"], "names none that exists here"),
-    (["--stage", "align", "--init", "{orphan}"], "names none that exists here"),   # toy alignment data too
+    (["--stage", "align", "--init", "{orphan}", "--pairs", "{pairs}"], "names no pretraining text that exists here"),
+    (["--stage", "align", "--init", "{orphan}"], "names no pretraining text that exists here"),   # toy alignment data too
 ])
 def test_bad_values_fail_before_any_work(argv, message, run_dir, broken_ckpt, world, tmp_path):
     argv = [a.format(base=run_dir / "base", broken=broken_ckpt[0], mismatch=broken_ckpt[1], orphan=broken_ckpt[2],
