@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import hf
 import xalign
 from model import load_model, repeat_kv
 
@@ -569,7 +570,11 @@ def main(argv=None):
                      seed=args.seed, device=args.device, threads=args.threads, pca_points=100 if args.plot else 0)
     names = [Path(c).name for c in args.ckpt]
     names = names if len(set(names)) == len(names) else args.ckpt
-    results = {n: evaluate(c, args.data, cfg=cfg) for n, c in zip(names, args.ckpt)}
+    try:
+        results = {n: evaluate(c, args.data, cfg=cfg) for n, c in zip(names, args.ckpt)}
+    except hf.CheckpointError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(markdown_table(results))
     print("seconds: " + ", ".join(f"{n} {r['seconds']['total']:.1f}" for n, r in results.items()), file=sys.stderr)
     if args.out:

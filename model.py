@@ -88,6 +88,7 @@ class ModelOutput:
     logits: torch.Tensor | None               # (B, T, V), or (N, V) with logits_at; None when not computed
     hidden_states: tuple | None               # n_run + 1 tensors (B, T, D), when asked for
     past_kv: list | None                      # per block (k, v), each (B, n_kv_head, S, head_dim), when use_cache
+    loss: torch.Tensor | None = None          # mean cross-entropy at logits_at, when targets are given
 
 
 def make_norm(cfg):
@@ -228,6 +229,7 @@ class Decoder(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False  # recompute each block in the backward instead of storing its activations
+        self.head_chunk = 2 ** 25        # logits per chunk in head_loss: 128 MB in fp32
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream by 1/sqrt(2 * n_layer) so its variance stays put
         for name, p in self.named_parameters():
@@ -248,7 +250,7 @@ class Decoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, *, past_kv=None, use_cache=False,
-                output_hidden_states=False, n_layers=None, compute_logits=True, logits_at=None):
+                output_hidden_states=False, n_layers=None, compute_logits=True, logits_at=None, targets=None):
         """
         input_ids      (B, T) token ids of the new tokens.
         attention_mask (B, S) 1 = real token, 0 = pad, over the cached and the new tokens (S = past + T);
@@ -259,6 +261,8 @@ class Decoder(nn.Module):
         logits_at      (B, T) bool: compute the logits at these positions only, returned as (N, V) in row-major
                        order; at a real vocabulary (250k) the head over prompt tokens that carry no loss is the
                        largest waste of the instruction rows.
+        targets        (N,) the next token at each logits_at position: returns their mean cross-entropy as
+                       `loss` (head_loss), and no logits.
         """
         B, T = input_ids.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -297,9 +301,26 @@ class Decoder(nn.Module):
             x = self.norm_f(x)                        # the last hidden state is the normed one, as in transformers
             if output_hidden_states:
                 hidden[-1] = x
+            if targets is not None:
+                return ModelOutput(None, tuple(hidden) if hidden is not None else None, present,
+                                   self.head_loss(x[logits_at], targets))
             if compute_logits:
                 logits = self.head(x if logits_at is None else x[logits_at])       # (B, T, V) or (N, V)
         return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
+
+    def head_loss(self, x, targets):
+        """Mean cross-entropy (in fp32) of the head's logits at hidden states x (N, D) against targets (N,).
+        At a 250k vocabulary the (N, V) logits and their gradient dominate the step's memory: beyond
+        head_chunk logits they are made for a chunk of rows at a time, and made again in the backward."""
+        rows = max(1, self.head_chunk // self.cfg.vocab_size)
+        dtype = torch.promote_types(x.dtype, torch.float32)                    # bf16 logits are summed in fp32
+        summed = lambda xs, ts: F.cross_entropy(self.head(xs).to(dtype), ts, reduction="sum")
+        if len(targets) <= rows:
+            return summed(x, targets) / len(targets)
+        recompute = torch.is_grad_enabled()
+        total = sum(checkpoint(summed, xs, ts, use_reentrant=False) if recompute else summed(xs, ts)
+                    for xs, ts in zip(x.split(rows), targets.split(rows)))
+        return total / len(targets)
 
     def positions_and_mask(self, input_ids, attention_mask, past_len):
         """(positions (B, T) of the new tokens, the mask for scaled_dot_product_attention, rope (cos, sin) or None).

@@ -245,8 +245,8 @@ def afp_loss(model, batch, cfg=AFPConfig()):
     batch: pair_ids, pair_mask (2B, Lp): rows 0..B-1 are sentences, rows B..2B-1 their translations;
            pair_groups (B,) optional duplicate ids; instr_ids, instr_mask, instr_labels (N, Li).
     model: called as model(ids, mask, output_hidden_states=True, n_layers=k, compute_logits=False) for the pairs
-           and model(ids, mask, logits_at=positions).logits -> (n_positions, V) for the instructions
-           (the Decoder of model.py).
+           and model(ids, mask, logits_at=positions, targets=next_tokens).loss -> mean cross-entropy there for
+           the instructions (the Decoder of model.py; elsewhere: F.cross_entropy(logits[positions], next_tokens)).
 
     The pair rows run through the first `layer` blocks only (nothing above reaches L_MCL) and are padded in a
     block of their own, so no pair row is padded to an instruction row's length. A term of weight 0 is still
@@ -269,7 +269,7 @@ def afp_loss(model, batch, cfg=AFPConfig()):
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.clm_weight != 0):
         labels = batch["instr_labels"]
         at = scored_positions(labels)                            # the head runs on response positions only
-        logits = model(batch["instr_ids"], batch["instr_mask"], logits_at=at).logits    # (n_scored, V)
-        instruction = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]])      # = clm_loss, less waste
+        targets = labels[:, 1:][at[:, :-1]]                      # (n_scored,) the token each position predicts
+        instruction = model(batch["instr_ids"], batch["instr_mask"], logits_at=at, targets=targets).loss  # = clm_loss
     total = cfg.cl_weight * contrastive + cfg.clm_weight * instruction
     return AFPLoss(total, contrastive.detach(), instruction.detach())

@@ -399,3 +399,44 @@ def test_logits_at_after_cache(flavour):
         past = model(ids[:, :5], None if mask is None else mask[:, :5], use_cache=True).past_kv
         picked = model(ids[:, 5:], mask, past_kv=past, logits_at=at).logits
         torch.testing.assert_close(picked, model(ids, mask).logits[:, 5:][at], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_targets_give_the_chunked_head_loss_float64(flavour):
+    """forward(targets=...) equals the cross-entropy of the full logits at logits_at, loss and gradients, when
+    head_loss makes its logits 3 rows at a time (recomputed in the backward) and when it makes them at once."""
+    model = make_model(flavour).double()
+    ids, mask = pad_batch([torch.randint(V, (10,)), torch.randint(V, (6,))], "right")
+    at = mask.bool() & (torch.rand(ids.shape) < 0.7)
+    at[0, 1] = True
+    targets = torch.randint(V, (int(at.sum()),))
+    results = []
+    for chunk in (3 * V, 10 ** 9, None):
+        model.zero_grad()
+        model.head_chunk = chunk or model.head_chunk
+        loss = torch.nn.functional.cross_entropy(model(ids, mask).logits[at], targets) if chunk is None \
+            else model(ids, mask, logits_at=at, targets=targets).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[:2]:
+        torch.testing.assert_close(loss, results[2][0], rtol=0, atol=1e-12)
+        for a, b in zip(grads, results[2][1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    model.head_chunk = 3 * V
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask, logits_at=at, targets=targets).loss, results[2][0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "bloom"])
+def test_grad_checkpointing_same_gradients_float64(flavour):
+    model = make_model(flavour, dropout=0.1).double().train()
+    ids, mask = pad_batch([torch.randint(V, (9,)), torch.randint(V, (5,))], "left")
+    grads = []
+    for on in (False, True):
+        model.grad_checkpointing = on
+        model.zero_grad()
+        torch.manual_seed(3)                                            # the same dropout masks
+        model(ids, mask).logits[mask.bool()].sin().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -513,7 +513,7 @@ class Spy(nn.Module):
 
     def forward(self, *args, **kw):
         out = self.module(*args, **kw)
-        t = out.logits if out.logits is not None else out.hidden_states[-1]
+        t = out.loss if out.loss is not None else out.logits if out.logits is not None else out.hidden_states[-1]
         kind = "instr" if out.hidden_states is None else f"pairs through {len(out.hidden_states) - 1} blocks"
         self.calls.append((kind, t.requires_grad))
         return out
