@@ -10,7 +10,11 @@ Prints one markdown table:
     of their own) at 4 and 12 blocks: speed ratio, the matmul FLOPs ratio (the saving the skipped work predicts),
     largest difference in loss and gradients;
   - prefix-cached choice scoring against full-sequence scoring at 5-shot (eval.py): items/s, ratio, max diff;
-  - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff.
+  - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff;
+  - with transformers installed (requirements-dev.txt; --no-real skips it): the align step at XGLM-564M's shape
+    (random weights, 8 pairs of 64 tokens + 8 instruction rows of 128), ours against the authors' way in
+    transformers (two passes, output_hidden_states, the full output head): tokens/s, the FLOPs ratio, and the
+    step's peak memory above weights and gradients, each side in a process of its own.
 Timings are medians over --repeats, and ratios are taken side by side (interleaved), never across runs.
 """
 
@@ -263,6 +267,91 @@ def bench_contrastive(device, n_pairs, chunk, repeats):
                 grad_diff=(grads["plain"] - grads["cached"]).abs().max().item())
 
 
+# the published XGLM-564M config.json, dropout off so that both sides compute the same loss
+XGLM_564M = dict(model_type="xglm", vocab_size=256008, max_position_embeddings=2048, d_model=1024, ffn_dim=4096,
+                 num_layers=24, attention_heads=16, activation_function="gelu", scale_embedding=True,
+                 dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2)
+
+
+def real_workload(device, vocab):
+    return align_workload(device, vocab=vocab, n_pairs=8, pair_len=64, n_instr=8, instr_len=128)
+
+
+def transformers_afp_loss(model, batch, cfg=xalign.AFPConfig()):
+    """The authors' way on a transformers model: the pairs in a pass of their own with output_hidden_states
+    and the full head, then the instruction rows with logits at every position."""
+    B = batch["pair_ids"].shape[0] // 2
+    out = model(batch["pair_ids"], attention_mask=batch["pair_mask"], output_hidden_states=True)
+    z = xalign.pool(out.hidden_states[cfg.layer], batch["pair_mask"], cfg.pooling)
+    contrastive = xalign.info_nce(z[:B], z[B:], cfg.temperature, groups=batch["pair_groups"])
+    logits = model(batch["instr_ids"], attention_mask=batch["instr_mask"]).logits
+    return cfg.cl_weight * contrastive + cfg.clm_weight * xalign.clm_loss(logits, batch["instr_labels"])
+
+
+def real_child(mode, device_name, repeats):
+    """Run in a subprocess: the align step at XGLM-564M's shape, ours (--child real-xalign) or the authors' way
+    in transformers (real-transformers), the same random weights; prints tokens/s, peak memory, loss."""
+    import hf
+    import transformers
+    device = torch.device(device_name)
+    cfg = hf.config_from_hf(XGLM_564M)
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    if mode == "real-transformers":
+        ref = transformers.XGLMForCausalLM(transformers.XGLMConfig(**XGLM_564M))
+        ref.load_state_dict(hf.state_to_hf(model), strict=False)          # lm_head: tied to the embeddings
+        model, loss_fn = ref, transformers_afp_loss
+    else:
+        loss_fn = lambda m, b: xalign.afp_loss(m, b).total
+    model = model.to(device).train()
+    batch = real_workload(device, cfg.vocab_size)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+
+    def step():
+        model.zero_grad(set_to_none=False)                               # gradients stay allocated
+        with autocast():
+            loss = loss_fn(model, batch)
+        loss.backward()
+        sync(device)
+        return loss.item()
+    loss = step()                                                        # warm-up; allocates the gradients
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = rss_kb("VmRSS") * 1024
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kb("VmHWM") * 1024) - base
+    tokens = int(batch["pair_mask"].sum() + batch["instr_mask"].sum())
+    print(json.dumps(dict(tokens_per_s=tokens / statistics.median(times), s=statistics.median(times),
+                          peak_bytes=peak, loss=loss)))
+
+
+def bench_real(device, repeats):
+    """Ours against the authors' way in transformers at XGLM-564M's shape, each side in a fresh process."""
+    import hf
+    runs = {}
+    for mode in ("real-xalign", "real-transformers"):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--device", device.type,
+                              "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    with torch.device("meta"):                                         # counts only
+        model = Decoder(hf.config_from_hf(XGLM_564M))
+    ours, authors = align_flops(model, real_workload("cpu", model.cfg.vocab_size))
+    x, t = runs["real-xalign"], runs["real-transformers"]
+    return dict(tokens_per_s_ours=x["tokens_per_s"], tokens_per_s_transformers=t["tokens_per_s"],
+                speedup=x["tokens_per_s"] / t["tokens_per_s"], flops_ratio=authors / ours,
+                peak_mb_ours=x["peak_bytes"] / 2**20, peak_mb_transformers=t["peak_bytes"] / 2**20,
+                memory_ratio=x["peak_bytes"] / t["peak_bytes"], loss_diff=abs(x["loss"] - t["loss"]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -271,8 +360,11 @@ def main():
     p.add_argument("--pairs", type=int, default=4096, help="pairs for the cached-contrastive comparison")
     p.add_argument("--chunk", type=int, default=256, help="chunk size of the cached contrastive loss")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--child", choices=["plain", "cached"], help=argparse.SUPPRESS)
+    p.add_argument("--no-real", action="store_true", help="skip the XGLM-564M-shape comparison with transformers")
+    p.add_argument("--child", choices=["plain", "cached", "real-xalign", "real-transformers"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child in ("real-xalign", "real-transformers"):
+        return real_child(args.child, args.device, args.repeats)
     if args.child:
         return contrastive_child(args.child, args.device, args.pairs, args.chunk)
     if args.quick:
@@ -295,6 +387,11 @@ def main():
     except ImportError as e:
         figures["eval"] = dict(error=f"eval.py not importable: {e}")
     figures["contrastive"] = bench_contrastive(device, args.pairs, args.chunk, args.repeats)
+    try:
+        import transformers  # noqa: F401  (test-only: requirements-dev.txt)
+        figures["real"] = None if args.no_real else bench_real(device, max(2, args.repeats // 2))
+    except ImportError:
+        figures["real"] = dict(error="transformers is not installed (pip install -r requirements-dev.txt)")
 
     f = figures
     rows = [("matmul peak", f"{f['matmul_peak_gflops']:.1f} GFLOP/s ({f['device']}, {f['threads']} threads)")]
@@ -314,6 +411,13 @@ def main():
     rows.append((f"cached vs plain contrastive, {c['pairs']} pairs, chunk {c['chunk']}",
                  f"peak {c['peak_mb_cached']:.0f} vs {c['peak_mb_plain']:.0f} MB ({c['memory_ratio']:.3f}x), "
                  f"{c['s_cached']:.2f} vs {c['s_plain']:.2f} s, max grad diff {c['grad_diff']:.1e}"))
+    r = f["real"]
+    if r is not None:
+        rows.append(("align step at XGLM-564M's shape vs the authors' way in transformers",
+                     r.get("error") or f"{r['speedup']:.2f}x ({r['tokens_per_s_ours']:,.0f} vs "
+                     f"{r['tokens_per_s_transformers']:,.0f} tokens/s; FLOPs ratio {r['flops_ratio']:.2f}x), "
+                     f"peak memory above weights and gradients {r['peak_mb_ours']:,.0f} vs "
+                     f"{r['peak_mb_transformers']:,.0f} MB ({r['memory_ratio']:.2f}x), loss diff {r['loss_diff']:.1e}"))
     print("| figure | measured |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -213,6 +213,38 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), present
 
 
+class HeadLoss(torch.autograd.Function):
+    """sum_n -log softmax(x_n W^T)[t_n] for x (N, D), W (V, D), made `rows` rows at a time. While a chunk's
+    probabilities p are at hand, the forward also takes its gradients, dL/dx = (p - onehot(t)) W and
+    dL/dW += (p - onehot(t))^T x, so no logits are kept or made again; the backward scales them (once)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows):
+        ctx.dtypes = x.dtype, weight.dtype
+        dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        x, w = x.to(dtype), weight.to(dtype)
+        grads = x.requires_grad or weight.requires_grad
+        grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(w)) if grads else (None, None)
+        total = x.new_zeros(())
+        for s in range(0, len(x), rows):
+            xs, ts = x[s:s + rows], targets[s:s + rows]
+            logits = xs @ w.T                                                   # (rows, V)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, ts[:, None])[:, 0]).sum()
+            if grads:
+                p = logits.sub_(lse[:, None]).exp_()                             # softmax, in place
+                p[torch.arange(len(ts), device=p.device), ts] -= 1
+                grad_x[s:s + rows] = p @ w
+                grad_w.addmm_(p.T, xs)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x.mul_(grad).to(ctx.dtypes[0]), grad_w.mul_(grad).to(ctx.dtypes[1]), None, None
+
+
 # --------------------------------------------------------------------------------------------------------
 # The decoder
 
@@ -309,18 +341,12 @@ class Decoder(nn.Module):
         return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
 
     def head_loss(self, x, targets):
-        """Mean cross-entropy (in fp32) of the head's logits at hidden states x (N, D) against targets (N,).
-        At a 250k vocabulary the (N, V) logits and their gradient dominate the step's memory: beyond
-        head_chunk logits they are made for a chunk of rows at a time, and made again in the backward."""
+        """Mean cross-entropy of the head's logits at hidden states x (N, D) against targets (N,), in at least fp32
+        (TF32 matmuls on CUDA). At a 250k vocabulary the (N, V) logits and their gradient would dominate the
+        step's memory: HeadLoss makes them for head_chunk logits' worth of rows at a time."""
         rows = max(1, self.head_chunk // self.cfg.vocab_size)
-        dtype = torch.promote_types(x.dtype, torch.float32)                    # bf16 logits are summed in fp32
-        summed = lambda xs, ts: F.cross_entropy(self.head(xs).to(dtype), ts, reduction="sum")
-        if len(targets) <= rows:
-            return summed(x, targets) / len(targets)
-        recompute = torch.is_grad_enabled()
-        total = sum(checkpoint(summed, xs, ts, use_reentrant=False) if recompute else summed(xs, ts)
-                    for xs, ts in zip(x.split(rows), targets.split(rows)))
-        return total / len(targets)
+        with torch.autocast(x.device.type, enabled=False):
+            return HeadLoss.apply(x, self.head.weight, targets, rows) / len(targets)
 
     def positions_and_mask(self, input_ids, attention_mask, past_len):
         """(positions (B, T) of the new tokens, the mask for scaled_dot_product_attention, rope (cos, sin) or None).
