@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import data
 import xalign
 from model import Decoder, ModelConfig
 
@@ -189,6 +190,7 @@ def bench_eval(device, repeats):
     tok.train_from_iterator([" ".join(words)] * 10, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = data.TextTokenizer(tok, data.BOS, data.EOS, data.PAD)
     model = make_model(4, device, vocab=tok.get_vocab_size()).eval()
     g = torch.Generator().manual_seed(0)
     sentence = lambda n: " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())

@@ -7,7 +7,7 @@ transformers package.
 
 A checkpoint directory holds config.json (its model_type: gpt2, xglm, bloom, llama or qwen2), the weights as
 model.safetensors, sharded *.safetensors with model.safetensors.index.json, or pytorch_model.bin (read with
-weights_only=True, never unpickled), and tokenizer.json (data.load_tokenizer reads it and the special ids).
+weights_only=True: tensors only, no code runs), and tokenizer.json (data.load_tokenizer reads it and the special ids).
 
 Weights are renamed by a table per family (tensors keep their layout: nn.Linear's (out, in)), except
   gpt2   Conv1D layers store (in, out): transposed; c_attn holds q, k, v side by side on the output axis;
@@ -32,7 +32,7 @@ PREFIX = {"gpt2": "transformer.", "xglm": "model.", "bloom": "transformer.", "ll
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "xglm": "XGLMForCausalLM", "bloom": "BloomForCausalLM",
                  "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-SKIPPED = re.compile(r"(attn\.bias|attn\.masked_bias|embed_positions\.[\w.]+|rotary_emb\.inv_freq)$")
+SKIPPED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|embed_positions\.[\w.]+|rotary_emb\.inv_freq)$")
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
 

@@ -318,3 +318,12 @@ def test_paper_preset_is_the_authors_hyperparameters():
     assert (cfg.cl_weight, cfg.clm_weight, cfg.grad_clip, cfg.align_weight_decay, cfg.replay_weight) == \
            (1.0, 1.5, 1.0, 0.0, 0.0)
     assert cfg.align_steps == 7                                       # flags override the preset
+
+
+def test_eval_cli_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    _, path = make_checkpoint("xglm", tmp_path / "x")
+    (path / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(SystemExit) as stop:
+        ev.main([str(path), "--tasks", f"paws={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("eval.py: error: ") and "model.safetensors" in err[-1]
