@@ -60,7 +60,8 @@ class TrainConfig:
     stage: str = flag("all", "pretrain: LM from scratch -> OUT/base; align: AFP from --init -> OUT/aligned; "
                              "all: both, then eval.py on both", choices=("pretrain", "align", "all"))
     out: str = flag("runs/default", "run directory")
-    init: str = flag("", "align: pretrained checkpoint directory (default OUT/base)")
+    init: str = flag("", "align: the checkpoint to align, train.py's (default OUT/base) or a Hugging Face "
+                         "directory of a gpt2, xglm, bloom, llama or qwen2 model")
     preset: str = flag("default", "tiny: a seconds-long run for tests; default: the README experiment; paper: "
                                   "the authors' align hyperparameters, for real models (its values are those in "
                                   "brackets below)", choices=("tiny", "default", "paper"))
