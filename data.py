@@ -632,7 +632,7 @@ def hf_specials(tok, config, ckpt_dir):
     eos: config.json's eos_token_id (the first of a list), else tokenizer_config.json's eos_token;
     pad: config.json's pad_token_id, else tokenizer_config.json's pad_token, else eos (always masked)."""
     plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
-    added = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    added = next((full[:i] for i in range(len(full)) if full[i:i + len(plain)] == plain), [])   # before the text
     extra = {}
     if (Path(ckpt_dir) / "tokenizer_config.json").is_file():
         extra = json.loads((Path(ckpt_dir) / "tokenizer_config.json").read_text())
@@ -928,7 +928,7 @@ def _collate_tokens(x, y, prompts, responses, groups, max_len, tokenizer):
     pair_rows = [sentence_row(t, max_len, tokenizer) for t in x + y]  # x rows then y rows
     instr_rows, label_rows, start = [], [], tokenizer.start
     for p, r in zip(prompts, responses):
-        r = (r + [tokenizer.eos])[:max_len - 1 - len(start)]  # only a response longer than max_len loses its end
+        r = (r + [tokenizer.eos])[:max_len - 1]  # only a response longer than max_len loses its end (and EOS)
         p = p[max(0, len(p) - (max_len - len(start) - len(r))):]  # over-long prompts lose their start, BOS stays
         instr_rows.append(start + p + r)
         label_rows.append([-100] * (len(start) + len(p)) + r)
@@ -948,7 +948,7 @@ def _tokenize_align(examples, tokenizer):
 def collate_align(examples, tokenizer, max_len, groups=None) -> dict:
     """AlignExamples -> the batch of INTERFACES.md: pair_ids (2B,Lp) [x rows, then y rows], pair_mask,
     pair_groups (B,), instr_ids (B,Li), instr_mask, instr_labels (token ids on response + EOS, else -100).
-    Pairs and instructions are padded separately (right padding, pad id 0)."""
+    Pairs and instructions are padded separately (right padding with the tokenizer's pad id)."""
     x, y, p, r = _tokenize_align(examples, tokenizer)
     return _collate_tokens(x, y, p, r, _text_groups(examples) if groups is None else groups, max_len, tokenizer)
 

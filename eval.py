@@ -9,9 +9,10 @@ eval.py: what AFP should change, measured on one checkpoint or two side by side.
    text = prefix + choice. The k demos (prefix + right choice) are the first k rows of one seeded permutation
    of the prompt language's dev set, the same for every query, skipping the query: its row (when queries come
    from dev too), its id and equal rows (rows and ids are parallel across languages, so its translation is
-   skipped too). Demos are joined by "</s>" (EOS), as in the pretraining corpus's few-shot documents and in
-   the authors' code. Settings: "in" = demos and template in the query's language; "cross" = demos and
-   template in English around target-language content (not run for English, where it equals "in").
+   skipped too). Demos are joined by the model's EOS ("</s>" in the toy world, as in its pretraining
+   corpus's few-shot documents and in the authors' code for XGLM and BLOOM). Settings: "in" = demos and
+   template in the query's language; "cross" = demos and template in English around target-language content
+   (not run for English, where it equals "in").
    acc: argmax of the summed log-prob of the choice's tokens; acc_norm: of that sum / the choice's characters.
    Token boundary: [BOS] + context + choice is tokenized as one string, and the choice's tokens are those from
    the first token that ends past the context (character offsets). A token spanning the join (zh "答案"+"对"
@@ -70,7 +71,8 @@ class EvalConfig:
     n_pairs: int = 200              # translation pairs per language
     batch_size: int = 16
     prefix_cache: bool = True
-    separator: str = data.DEMO_SEP  # between demos
+    separator: str | None = None    # between demos; None = the text of the tokenizer's EOS ("</s>" as in the
+                                    # paper for the toy world, XGLM and BLOOM; "<|endoftext|>" for GPT-2, Qwen2)
     pooling: str = "last"
     pca_points: int = 0             # sentences per language in results["pca"] (--plot: 100)
     pca_layer: int = 1              # the layer AFP aligns
@@ -103,7 +105,7 @@ def encode_choices(tokenizer, contexts, choices, max_len):
             item_starts.append(max(1, len(start) + int(np.argmax(ends > len(context)))))
             item_seqs.append(start + enc.ids)
         cut, n = max(map(len, item_seqs)) - max_len, len(start)
-        if cut > 0 and cut >= min(item_starts) - max(n, 1):
+        if cut > 0 and cut >= min(item_starts) - n:                      # one context token must stay
             item_seqs = item_starts = None
         elif cut > 0:                                                    # drop context tokens after BOS
             item_seqs, item_starts = [s[:n] + s[n + cut:] for s in item_seqs], [t - cut for t in item_starts]
@@ -238,11 +240,12 @@ def sample_items(items, n, seed):
     return idx, [items[i] for i in idx]
 
 
-def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, separator=data.DEMO_SEP,
+def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, separator=None,
                       batch_size=16, prefix_cache=True, bar=None, per_item=False):
     """{acc, acc_norm, n, truncated, skipped} of k-shot prompting. demos: the prompt pool; item_index: each
     item's row in that pool's split when the queries come from it too. per_item adds "correct" (None = skipped)."""
     contexts, truncated = [], 0
+    separator = tokenizer.id_to_token(tokenizer.eos) if separator is None else separator
     for n, item in enumerate(items):
         shots = pick_demos(demos, k, seed, item, None if item_index is None else item_index[n]) if k else []
         while True:

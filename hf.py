@@ -69,6 +69,13 @@ def read_config(ckpt_dir):
 
 def config_from_hf(hf, path="config.json"):
     """The ModelConfig of a family's config.json (defaults as in transformers' config classes)."""
+    try:
+        return family_config(hf, path)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: no {e.args[0]!r}, which a {hf['model_type']} config.json needs") from None
+
+
+def family_config(hf, path):
     t = hf["model_type"]
 
     def unsupported(what):
@@ -157,15 +164,15 @@ def config_to_hf(cfg, base=None):
         fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       layer_norm_epsilon=cfg.norm_eps, seq_length=cfg.max_seq_len)
     else:
+        # transformers 5 reads rope_parameters, transformers 4 and vLLM rope_scaling: both, from one source
         fields = dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, hidden_size=cfg.d_model,
                       intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                       num_key_value_heads=cfg.n_kv_head, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                      rope_theta=cfg.rope_theta,
+                      rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
                       rope_parameters=dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta))
         if t == "llama":
             fields.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    # transformers 4 read rope_scaling, 5 reads rope_parameters: one of them, ours, so that they cannot disagree
-    out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "torch_dtype")}
+    out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "rope_parameters", "torch_dtype")}
     return dict(out, **fields, model_type=t, architectures=[ARCHITECTURES[t]],
                 tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
 
@@ -203,7 +210,11 @@ def renames(cfg, t):
 
 
 def split_qkv(t, w, cfg):
-    """A fused q/k/v weight (or bias) of gpt2 or bloom -> [q, k, v] in nn.Linear's layout."""
+    """A fused q/k/v weight (or bias) of gpt2 or bloom -> [q, k, v] in nn.Linear's layout; None when its shape
+    is not the fused one: gpt2's Conv1D (d, 3d), bloom's (3d, d), a bias (3d,)."""
+    d = cfg.d_model
+    if tuple(w.shape) != ((3 * d,) if w.dim() == 1 else (d, 3 * d) if t == "gpt2" else (3 * d, d)):
+        return None
     if t == "gpt2":                                             # Conv1D: (in, 3 * d) or bias (3 * d,)
         return list((w.T if w.dim() == 2 else w).split(cfg.d_model, dim=0))
     hd = cfg.d_model // cfg.n_head                               # bloom: rows (head, 3, hd)
@@ -235,13 +246,11 @@ def state_from_hf(cfg, tensors, files):
             raise CheckpointError(f"{where}: no tensor {name if name == 'lm_head.weight' else PREFIX[t] + name}")
         used.add(name)
         w, where = tensors[src[name]], f"{files[src[name]]}: tensor {src[name]}"
-        try:
-            if part:                                                 # q, k or v of a fused tensor
-                w = split_qkv(t, w, cfg)["qkv".index(part)]
-            elif name.rsplit(".", 1)[0] in conv1d and w.dim() == 2:
-                w = w.T
-        except RuntimeError:
-            w = w.view(-1)                                           # a fused tensor of the wrong size
+        if part:                                                     # q, k or v of a fused tensor
+            parts = split_qkv(t, w, cfg)
+            w = w.view(-1) if parts is None else parts["qkv".index(part)].contiguous()
+        elif name.rsplit(".", 1)[0] in conv1d and w.dim() == 2:
+            w = w.T.contiguous()
         if tuple(w.shape) != tuple(expected[ours].shape):
             raise CheckpointError(f"{where} has shape {tuple(tensors[src[name]].shape)}, which does not fit "
                                   f"{ours} {tuple(expected[ours].shape)} of the model config.json describes")
@@ -334,9 +343,11 @@ def load_hf_model(ckpt_dir, device="cpu", dtype=torch.float32):
         for name, w in read_tensors(path).items():
             tensors[name], files[name] = w, str(path)
     state = state_from_hf(cfg, tensors, files)
+    if cfg.tie_embeddings:
+        state["head.weight"] = state["tok_emb.weight"]
     with torch.device("meta"):                                  # no time spent on a random init
         model = Decoder(cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.tie_weights().to(device)
 
 
@@ -379,6 +390,10 @@ def save_hf(model, tokenizer, out_dir, base=None):
         (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class="PreTrainedTokenizerFast", bos_token=token(tokenizer.bos), eos_token=token(tokenizer.eos),
             pad_token=token(tokenizer.pad), model_max_length=model.cfg.max_seq_len), indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():                          # a crash leaves the old one in place, or here
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
     tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -216,15 +216,16 @@ class Block(nn.Module):
 class HeadLoss(torch.autograd.Function):
     """sum_n -log softmax(x_n W^T)[t_n] for x (N, D), W (V, D), made `rows` rows at a time. While a chunk's
     probabilities p are at hand, the forward also takes its gradients, dL/dx = (p - onehot(t)) W and
-    dL/dW += (p - onehot(t))^T x, so no logits are kept or made again; the backward scales them (once)."""
+    dL/dW += (p - onehot(t))^T x, so no logits are kept or made again; the backward scales them in place, so
+    it runs once (no retain_graph, no second order). `grads`: whether to take them (False under no_grad)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, rows):
-        ctx.dtypes = x.dtype, weight.dtype
+    def forward(ctx, x, weight, targets, rows, grads):
+        ctx.dtypes, ctx.done = (x.dtype, weight.dtype), False
         dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
         x, w = x.to(dtype), weight.to(dtype)
-        grads = x.requires_grad or weight.requires_grad
-        grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(w)) if grads else (None, None)
+        grads = grads and any(ctx.needs_input_grad[:2])
+        grad_x, grad_w = (torch.zeros_like(x), torch.zeros_like(w)) if grads else (None, None)
         total = x.new_zeros(())
         for s in range(0, len(x), rows):
             xs, ts = x[s:s + rows], targets[s:s + rows]
@@ -240,9 +241,13 @@ class HeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if ctx.done:
+            raise RuntimeError("HeadLoss: its backward runs once (retain_graph is not supported)")
+        ctx.done = True
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x.mul_(grad).to(ctx.dtypes[0]), grad_w.mul_(grad).to(ctx.dtypes[1]), None, None
+        return grad_x.mul_(grad).to(ctx.dtypes[0]), grad_w.mul_(grad).to(ctx.dtypes[1]), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,6 +306,8 @@ class Decoder(nn.Module):
         n_run = self.cfg.n_layer if n_layers is None else n_layers
         if not 0 <= n_run <= self.cfg.n_layer:
             raise ValueError(f"n_layers={n_layers} is out of range 0..{self.cfg.n_layer}")
+        if targets is not None and n_run < self.cfg.n_layer:
+            raise ValueError("targets need every block: the loss is read at the output head")
         positions, attn_mask, rope = self.positions_and_mask(input_ids, attention_mask, past_len)
 
         x = self.tok_emb(input_ids)
@@ -334,6 +341,8 @@ class Decoder(nn.Module):
             if output_hidden_states:
                 hidden[-1] = x
             if targets is not None:
+                if logits_at is None:
+                    raise ValueError("targets need logits_at: the positions whose next token they are")
                 return ModelOutput(None, tuple(hidden) if hidden is not None else None, present,
                                    self.head_loss(x[logits_at], targets))
             if compute_logits:
@@ -346,7 +355,7 @@ class Decoder(nn.Module):
         step's memory: HeadLoss makes them for head_chunk logits' worth of rows at a time."""
         rows = max(1, self.head_chunk // self.cfg.vocab_size)
         with torch.autocast(x.device.type, enabled=False):
-            return HeadLoss.apply(x, self.head.weight, targets, rows) / len(targets)
+            return HeadLoss.apply(x, self.head.weight, targets, rows, torch.is_grad_enabled()) / len(targets)
 
     def positions_and_mask(self, input_ids, attention_mask, past_len):
         """(positions (B, T) of the new tokens, the mask for scaled_dot_product_attention, rope (cos, sin) or None).
@@ -447,10 +456,9 @@ def repeat_kv(past_kv, n):
 def load_model(ckpt_dir, device="cpu"):
     """The Decoder in ckpt_dir: a checkpoint of train.py (config.json + model.pt), or a Hugging Face checkpoint
     directory of a supported family (config.json with its model_type, *.safetensors or pytorch_model.bin)."""
+    import hf  # late: hf.py imports this file
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "model.pt").is_file() and (ckpt_dir / "config.json").is_file() \
-            and "model_type" in json.loads((ckpt_dir / "config.json").read_text()):
-        import hf  # late: hf.py imports this file
+    if hf.is_hf_checkpoint(ckpt_dir):
         return hf.load_hf_model(ckpt_dir, device)
     for name in ("config.json", "model.pt"):
         if not (ckpt_dir / name).is_file():

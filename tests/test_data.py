@@ -459,3 +459,19 @@ def test_align_data_pair_batch_size(world, tok):
     assert (ref["pair_ids"] == b["pair_ids"]).all()
     with pytest.raises(ValueError):
         data.AlignData(ex, tok, 4, 64, 0, rank=0, world_size=2, pair_batch_size=5)
+
+
+def test_collate_without_bos_follows_the_tokenizer(tok):
+    """A family with no BOS (GPT-2, BLOOM, Qwen2) and its own eos/pad ids: rows start with the text, pair rows
+    end with its EOS, an over-long response keeps max_len - 1 tokens after one prompt token."""
+    plain = data.TextTokenizer(tok.tokenizer, None, 7, 5)
+    a = data.AlignExample("short one.", "καλι.", "Prompt here: out put", len("Prompt here:"))
+    long = data.AlignExample("x", "y", "Q: " + "word " * 40, len("Q:"))
+    batch = data.collate_align([a, long], plain, max_len=16)
+    ids = data.encode(plain, ["short one.", " out put", "Prompt here:"])
+    assert batch["pair_ids"][0, :len(ids[0]) + 1].tolist() == ids[0] + [7]
+    assert (batch["pair_ids"][batch["pair_mask"] == 0] == 5).all()
+    assert batch["instr_ids"][0, :len(ids[2])].tolist() == ids[2]
+    labels = batch["instr_labels"]
+    assert labels[0][labels[0] != -100].tolist() == ids[1] + [7]
+    assert batch["instr_mask"][1].sum() == 16 and (labels[1] != -100).sum() == 15   # one prompt token stays

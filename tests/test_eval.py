@@ -293,3 +293,28 @@ def test_real_pawsx(tok):
         assert a == b and a["n"] + a["skipped"] == 6
         for it in items:                                              # 对/不对 join a Chinese sentence: exact cover
             check_boundary(tok, it.prefix[-30:], it.choices[1][:20])
+
+
+def test_scoring_without_bos(tok):
+    """A family with no BOS: sequences start with the text, the cut keeps one context token, perplexity scores
+    every token but the first and counts the characters it scored."""
+    plain = data.TextTokenizer(tok.tokenizer, None, data.EOS, data.PAD)
+    context, choice = "the cat sat", " on the mat."
+    ctx, full = plain.encode(context).ids, plain.encode(context + choice).ids
+    (seq,), (start,), _ = ev.encode_choices(plain, [context], [[choice]], 1024)
+    assert seq[0] == full and start[0] == len(ctx)
+    n_choice = len(full) - len(ctx)
+    (seq,), (start,), n_cut = ev.encode_choices(plain, [context], [[choice]], n_choice + 1)
+    assert n_cut == 1 and seq[0] == full[len(ctx) - 1:] and start[0] == 1      # one context token left
+    (seq,), _, _ = ev.encode_choices(plain, [context], [[choice]], n_choice)
+    assert seq is None
+    model = make_model(tok)
+    text = "the cats sat on the mats."
+    ids = plain.encode(text).ids
+    r = ev.perplexity(model, plain, [text])
+    assert r["tokens"] == len(ids)                                   # EOS scored, the first token not
+    first = len(plain.tokenizer.decode(ids[:1]))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + [data.EOS]])).logits[0, :-1].log_softmax(-1)
+    nll = -logits.gather(1, torch.tensor(ids[1:] + [data.EOS])[:, None]).sum().item()
+    assert abs(r["bits_per_char"] - nll / math.log(2) / (len(text) + 1 - first)) < 1e-4

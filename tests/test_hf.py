@@ -54,10 +54,11 @@ def hf_config(family):
         "gpt2": lambda: t.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, **ids),
         "xglm": lambda: t.XGLMConfig(vocab_size=V, max_position_embeddings=64, d_model=32, num_layers=2,
                                      attention_heads=4, ffn_dim=64, **ids),
-        "bloom": lambda: t.BloomConfig(vocab_size=V, hidden_size=48, n_layer=2, n_head=6, **ids),  # 6: ALiBi's
+        # 6 heads: ALiBi's slopes for a head count that is not a power of 2
+        "bloom": lambda: t.BloomConfig(vocab_size=V, hidden_size=48, n_layer=2, n_head=6, **ids),
         "llama": lambda: t.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       rope_scaling=dict(LLAMA3), **ids),                    # non-power-of-2 slopes
+                                       rope_scaling=dict(LLAMA3), **ids),
         "qwen2": lambda: t.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                        rope_theta=1e6, tie_word_embeddings=True, **ids),
@@ -123,13 +124,17 @@ def test_logits_and_hidden_states_match_transformers(hf_checkpoints, family, pad
 @needs_transformers
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(hf_checkpoints, family):
+    """Greedy decoding with the KV cache, token for token; left-padded prompts too, except for XGLM, whose
+    transformers generate counts positions from the first column, pads included."""
     path, ref_model = hf_checkpoints[family]
     ours = load_model(path).eval()
     ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(ids, 8), ref)
+    masks = [torch.ones_like(ids)] + ([] if family == "xglm" else [torch.tensor([[0, 0, 1, 1, 1], [1] * 5])])
+    for mask in masks:
+        with torch.no_grad():
+            ref = ref_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, 8, attention_mask=mask), ref)
 
 
 @needs_transformers
@@ -143,7 +148,10 @@ def test_save_hf_then_transformers_gives_the_same_logits(hf_checkpoints, family,
     real = mask.bool()
     torch.testing.assert_close(reference(again, family, ids, mask).logits[real],
                                reference(ref_model, family, ids, mask).logits[real], rtol=0, atol=1e-5)
-    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["model_type"] == family
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer.json").is_file() and config["model_type"] == family
+    if family == "llama":       # transformers 4 and vLLM read rope_scaling, transformers 5 rope_parameters
+        assert config["rope_scaling"]["rope_type"] == config["rope_parameters"]["rope_type"] == "llama3"
 
 
 @needs_transformers
@@ -186,6 +194,7 @@ def test_special_ids_follow_the_checkpoint(hf_checkpoints, family):
     bos, eos, pad = SPECIALS[family]
     tok = data.load_tokenizer(hf_checkpoints[family][0])
     assert (tok.bos, tok.eos, tok.pad) == (bos, eos, eos if pad is None else pad)
+    assert tok.encode("the cat").ids == tok.tokenizer.encode("the cat").ids[len(tok.start):]   # no specials added
     assert data.sentence_row([7, 8], 16, tok) == ([] if bos is None else [bos]) + [7, 8, eos]
 
 
@@ -246,6 +255,11 @@ def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
         (lambda d: save_file({**load_file(weights), "transformer.h.0.extra.weight": torch.zeros(2)},
                              d / "model.safetensors"), "unexpected tensor transformer.h.0.extra.weight"),
         (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+        (lambda d: (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads(
+            (d / "config.json").read_text()).items() if k != "hidden_size"})), "no 'hidden_size', which a bloom"),
+        (lambda d: save_file({**load_file(weights), "transformer.h.1.self_attention.query_key_value.weight":
+                              torch.zeros(90, 32)}, d / "model.safetensors"),
+         "tensor transformer.h.1.self_attention.query_key_value.weight has shape (90, 32)"),
     ]
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(hf.CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -327,3 +341,19 @@ def test_eval_cli_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
         ev.main([str(path), "--tasks", f"paws={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err[-1].startswith("eval.py: error: ") and "model.safetensors" in err[-1]
+
+
+def test_gpt2_fused_qkv_of_the_wrong_size_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = make_checkpoint("gpt2", tmp_path / "g")
+    tensors = load_file(path / "model.safetensors")
+    for shape in ((32, 64), (32, 100)):
+        save_file({**tensors, "transformer.h.0.attn.c_attn.weight": torch.zeros(shape)}, path / "model.safetensors")
+        with pytest.raises(hf.CheckpointError, match=rf"c_attn.weight has shape \(32, {shape[1]}\)"):
+            load_model(path)
+
+
+def test_specials_when_the_tokenizer_also_appends_an_eos(tmp_path):
+    tok = family_tokenizer("gpt2")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    assert data.hf_specials(tok, {"eos_token_id": 2}, tmp_path) == dict(bos=1, eos=2, pad=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import random_weights_
-from model import Decoder, ModelConfig, load_model, repeat_kv
+from model import Decoder, HeadLoss, ModelConfig, load_model, repeat_kv
 
 V = 64
 # ours, and the switches of the real families (hf.py) on our own weights: "qwen" also carries Llama 3's RoPE scaling
@@ -404,7 +404,7 @@ def test_logits_at_after_cache(flavour):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_targets_give_the_chunked_head_loss_float64(flavour):
     """forward(targets=...) equals the cross-entropy of the full logits at logits_at, loss and gradients, when
-    head_loss makes its logits 3 rows at a time (recomputed in the backward) and when it makes them at once."""
+    HeadLoss makes its logits 3 rows at a time and when it makes them at once; under no_grad it takes none."""
     model = make_model(flavour).double()
     ids, mask = pad_batch([torch.randint(V, (10,)), torch.randint(V, (6,))], "right")
     at = mask.bool() & (torch.rand(ids.shape) < 0.7)
@@ -423,20 +423,48 @@ def test_targets_give_the_chunked_head_loss_float64(flavour):
         for a, b in zip(grads, results[2][1]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     model.head_chunk = 3 * V
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, mask, logits_at=at, targets=targets).loss, results[2][0], rtol=0, atol=1e-12)
+    asked = []
+    real_forward = HeadLoss.forward
+    HeadLoss.forward = staticmethod(lambda ctx, *a: asked.append(a[-1]) or real_forward(ctx, *a))
+    try:
+        with torch.no_grad():
+            loss = model(ids, mask, logits_at=at, targets=targets).loss
+    finally:
+        HeadLoss.forward = staticmethod(real_forward)
+    torch.testing.assert_close(loss, results[2][0], rtol=0, atol=1e-12)
+    assert asked == [False]                                           # no gradients taken for nothing
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, mask, targets=targets)
+
+
+def test_head_loss_dtypes_and_a_single_backward():
+    """bf16 hidden states and an fp32 head: the loss in fp32, each gradient in its input's dtype; a second
+    backward through the same graph is refused, not silently wrong."""
+    x = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.randint(11, (5,))
+    loss = HeadLoss.apply(x, w, t, 2, True)
+    ref = torch.nn.functional.cross_entropy(x.double() @ w.double().T, t, reduction="sum")
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    loss.backward(retain_graph=True)
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("flavour", ["gpt", "bloom"])
 def test_grad_checkpointing_same_gradients_float64(flavour):
     model = make_model(flavour, dropout=0.1).double().train()
     ids, mask = pad_batch([torch.randint(V, (9,)), torch.randint(V, (5,))], "left")
-    grads = []
+    grads, calls = [], []
+    model.blocks[0].attn.q.register_forward_hook(lambda *_: calls.append(1))   # the block stops early when remade
     for on in (False, True):
         model.grad_checkpointing = on
         model.zero_grad()
+        calls.clear()
         torch.manual_seed(3)                                            # the same dropout masks
         model(ids, mask).logits[mask.bool()].sin().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        assert len(calls) == (2 if on else 1)                           # recomputed in the backward
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
