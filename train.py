@@ -511,13 +511,19 @@ def recover_checkpoint(path):
 
 
 def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """Every random state as tensors, numbers and lists, so that state.pt loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(mt), gauss], numpy=[key, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                         has_gauss, cached],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt), gauss))
+    key, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((key, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -637,7 +643,11 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
         if saved["model"] != asdict(model.cfg):
             raise ConfigError(f"--resume: {last_dir} holds a different model ({saved['model']})")
         model.load_state_dict(torch.load(last_dir / "model.pt", map_location=env.device, weights_only=True))
-        state = torch.load(last_dir / "state.pt", map_location="cpu", weights_only=False)  # ours: holds RNG objects
+        try:  # tensors, numbers, strings, lists and dicts only: a pickled object is refused, never run
+            state = torch.load(last_dir / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several kinds for a truncated or foreign file
+            raise ConfigError(f"--resume: {last_dir / 'state.pt'} is not a state file of this project "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

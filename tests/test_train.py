@@ -134,11 +134,34 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(stage, world, ru
     train.main([*args, "--out", str(tmp_path / "b"), "--resume"])
     a, b = weights(tmp_path / "a" / last), weights(tmp_path / "b" / last)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
-    opt_a = torch.load(tmp_path / "a" / last / "state.pt", weights_only=False)["optimizer"]["state"]
-    opt_b = torch.load(tmp_path / "b" / last / "state.pt", weights_only=False)["optimizer"]["state"]
+    opt_a = torch.load(tmp_path / "a" / last / "state.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(tmp_path / "b" / last / "state.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
     best_a, best_b = weights(tmp_path / "a" / train.STAGE_DIR[stage]), weights(tmp_path / "b" / train.STAGE_DIR[stage])
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_runs_code_from_state_pt(world, tmp_path):
+    """state.pt holds tensors, numbers and lists only and loads with weights_only=True: one carrying a pickled
+    callable is refused with a clear error, and the callable never runs."""
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    with pytest.raises(train.Interrupted):
+        train.main([*args, "--debug-interrupt-at-step", "5"])
+    state = tmp_path / "base.last/state.pt"
+    torch.load(state, weights_only=True)                               # what we write loads safely
+    marker = tmp_path / "ran"
+    torch.save(dict(torch.load(state, weights_only=True), payload=Payload(str(marker))), state)
+    with pytest.raises(train.ConfigError, match="state.pt is not a state file"):
+        train.main([*args, "--resume"])
+    assert not marker.exists()
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(world, tmp_path):
