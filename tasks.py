@@ -1,0 +1,277 @@
+"""
+tasks.py: the paper's five evaluation tasks, read from their public layouts in a local directory (nothing is
+downloaded). `read(task, DIR, lang, split)` returns the rows of one language and split; `languages(task, DIR)`
+the languages present. Split "dev" is where few-shot demos come from, "test" the queries.
+
+  task         files under DIR                                                      a row
+  xnli         xnli.{dev,test}.tsv of the XNLI-1.0 release (a header naming language,  NLIRow
+               gold_label, sentence1, sentence2, pairID, ...), or {lang}.{split}.tsv
+               in the authors' form: premise TAB hypothesis TAB label
+  pawsx        {lang}.{split}.tsv, or the original x-final/{lang}/{dev_2k,test_2k}.tsv  data.PawsExample
+  xcopa        {lang}/{val,test}.{lang}.jsonl (val = dev), English = COPA in that form COPARow
+  xstorycloze  spring2016.val.{lang}.tsv_split_20_80_{train,eval}.tsv                  StoryRow
+               (train = dev, eval = test)
+  xwinograd    dataset.tsv (all languages; no splits: the caller keeps a query out of  WinogradRow
+               its own demos), or {lang}.jsonl with a "_" in the sentence
+
+Every reader checks every row and raises ValueError("FILE:LINE: reason") at the first bad one.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import data
+
+TASKS = ("xnli", "pawsx", "xcopa", "xstorycloze", "xwinograd")
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+STORY_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+                "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+
+
+@dataclass
+class NLIRow:
+    premise: str
+    hypothesis: str
+    label: int           # 0 entailment, 1 neutral, 2 contradiction
+    id: str = ""
+
+
+@dataclass
+class COPARow:
+    premise: str
+    choices: list        # the two alternatives
+    question: str        # "cause" or "effect": what the right alternative is to the premise
+    label: int           # 0 or 1
+    id: str = ""
+
+
+@dataclass
+class StoryRow:
+    sentences: list      # the four sentences of the story
+    endings: list        # the two candidate endings
+    label: int           # 0 or 1: the right ending
+    id: str = ""
+
+
+@dataclass
+class WinogradRow:
+    before: str          # the sentence up to the blank (the pronoun)
+    options: list        # the candidates that can fill it
+    after: str           # the sentence after the blank
+    label: int           # index of the right option
+    id: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# where the files are
+
+def task_file(task, root, lang, split):
+    """The file holding (lang, split) of a task under root, or None."""
+    root = Path(root)
+    s = {"dev": "dev", "test": "test"}.get(split)
+    if s is None:
+        raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
+    candidates = {
+        "xnli": [root / f"{lang}.{s}.tsv", root / f"xnli.{s}.tsv"],
+        "pawsx": [root / f"{lang}.{s}.tsv", root / "x-final" / lang / f"{s}_2k.tsv", root / lang / f"{s}_2k.tsv"],
+        "xcopa": [root / lang / f"{'val' if s == 'dev' else 'test'}.{lang}.jsonl"],
+        "xstorycloze": [root / f"spring2016.val.{lang}.tsv_split_20_80_{'train' if s == 'dev' else 'eval'}.tsv"],
+        "xwinograd": [root / f"{lang}.jsonl", root / "dataset.tsv"],
+    }[task]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def languages(task, root):
+    """The languages with a file of the task under root, English first, then sorted."""
+    root = Path(root)
+    if task == "xnli" and any(root.glob("xnli.*.tsv")):
+        found = {r.split("\t", 1)[0] for p in root.glob("xnli.*.tsv") for r in p.read_text("utf-8").splitlines()[1:]}
+    elif task == "xwinograd" and (root / "dataset.tsv").is_file():
+        found = {r.split("\t", 1)[0] for r in (root / "dataset.tsv").read_text("utf-8").splitlines() if r.strip()}
+    else:
+        found = {_lang_of(task, p) for p in root.rglob("*") if p.is_file()} - {None}
+    return sorted(found, key=lambda c: (c != "en", c))
+
+
+def _lang_of(task, path):
+    """The language a file of the task's layout holds, or None for other files."""
+    name = path.name
+    if task in ("xnli", "pawsx") and name.count(".") == 2 and name.endswith(".tsv"):
+        return name.split(".")[0]
+    if task == "pawsx" and name in ("dev_2k.tsv", "test_2k.tsv"):
+        return path.parent.name
+    if task == "xcopa" and name.endswith(".jsonl") and name.count(".") == 2:
+        return name.split(".")[1]
+    if task == "xstorycloze" and name.startswith("spring2016.val."):
+        return name.split(".")[2]
+    if task == "xwinograd" and name.endswith(".jsonl"):
+        return name.split(".")[0]
+    return None
+
+
+def read(task, root, lang, split):
+    """The rows of (lang, split): NLIRow, data.PawsExample, COPARow, StoryRow or WinogradRow."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; the paper's tasks are {', '.join(TASKS)}")
+    path = task_file(task, root, lang, split)
+    if path is None:
+        raise FileNotFoundError(f"{task}: no {split} file for language {lang!r} under {root} (see tasks.py)")
+    if task == "pawsx":
+        return data.read_pawsx_tsv(path)
+    if path.name.startswith("xnli."):
+        return [row for row_lang, row in read_xnli_release(path) if row_lang == lang]
+    if path.name == "dataset.tsv":
+        return [row for row_lang, row in read_xwinograd_tsv(path) if row_lang == lang]
+    return {"xnli": read_nli_tsv, "xcopa": read_copa_jsonl, "xstorycloze": read_story_tsv,
+            "xwinograd": read_winograd_jsonl}[task](path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# readers, one per layout
+
+def _nli_label(value):
+    if value in NLI_LABELS:
+        return NLI_LABELS.index(value)
+    if value in ("0", "1", "2"):
+        return int(value)
+    raise ValueError(f"label must be one of {', '.join(NLI_LABELS)} (or 0, 1, 2), got {value!r}")
+
+
+def read_nli_tsv(path):
+    """The authors' form: premise TAB hypothesis TAB label, no header."""
+    def parse(line):
+        premise, hypothesis, label = data._columns(line, 3)
+        return NLIRow(premise, hypothesis, _nli_label(label.strip()))
+    return [replace(row, id=str(i)) for i, row in enumerate(data._read_lines(path, parse))]
+
+
+def _header(path, needed):
+    head = Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r").split("\t")
+    missing = [c for c in needed if c not in head]
+    if missing:
+        raise ValueError(f"{path}:1: the header lacks {', '.join(missing)} (tab-separated)")
+    return head
+
+
+def read_xnli_release(path):
+    """[(language, NLIRow)] of an XNLI-1.0 xnli.{dev,test}.tsv; the row id is its pairID."""
+    head = _header(path, ["language", "gold_label", "sentence1", "sentence2", "pairID"])
+    col = {name: head.index(name) for name in ("language", "gold_label", "sentence1", "sentence2", "pairID")}
+
+    def parse(line):
+        cols = line.split("\t")
+        if len(cols) != len(head):
+            raise ValueError(f"expected {len(head)} tab-separated columns as the header, got {len(cols)}")
+        for name in ("language", "sentence1", "sentence2"):
+            if not cols[col[name]].strip():
+                raise ValueError(f"column {name} is empty")
+        return cols[col["language"]], NLIRow(cols[col["sentence1"]], cols[col["sentence2"]],
+                                             _nli_label(cols[col["gold_label"]]), cols[col["pairID"]])
+    return data._read_lines(path, parse, first=2)
+
+
+def read_copa_jsonl(path):
+    """(X)COPA JSON lines: premise, choice1, choice2, question (cause | effect), label (0 | 1), idx."""
+    def parse(line):
+        obj = data._json_object(line)
+        question, label = data._field(obj, "question"), data._int(obj, "label")
+        if question not in ("cause", "effect"):
+            raise ValueError(f"field 'question' must be 'cause' or 'effect', got {question!r}")
+        if label not in (0, 1):
+            raise ValueError(f"field 'label' must be 0 or 1, got {label}")
+        return COPARow(data._field(obj, "premise"), [data._field(obj, "choice1"), data._field(obj, "choice2")],
+                       question, label, str(data._int(obj, "idx")))
+    return data._read_lines(path, parse)
+
+
+def read_story_tsv(path):
+    """XStoryCloze: the header of STORY_HEADER, then story id, four sentences, two endings, the right one (1 | 2)."""
+    head = _header(path, STORY_HEADER)
+    if head != STORY_HEADER:
+        raise ValueError(f"{path}:1: expected the header {' '.join(STORY_HEADER)} (tab-separated)")
+
+    def parse(line):
+        cols = data._columns(line, len(STORY_HEADER))
+        if cols[7] not in ("1", "2"):
+            raise ValueError(f"AnswerRightEnding must be 1 or 2, got {cols[7]!r}")
+        return StoryRow(cols[1:5], cols[5:7], int(cols[7]) - 1, cols[0])
+    return data._read_lines(path, parse, first=2)
+
+
+def read_winograd_jsonl(path):
+    """The derived form: sentence with one "_" for the blank, option1, option2, answer (1 | 2, or "1" | "2")."""
+    def parse(line):
+        obj = data._json_object(line)
+        sentence = data._field(obj, "sentence")
+        if sentence.count("_") != 1:
+            raise ValueError(f"field 'sentence' must hold one '_' (the blank), it holds {sentence.count('_')}")
+        if str(obj.get("answer")) not in ("1", "2"):
+            raise ValueError(f"field 'answer' must be 1 or 2, got {obj.get('answer')!r}")
+        before, after = sentence.split("_")
+        return WinogradRow(before, [data._field(obj, "option1"), data._field(obj, "option2")], after,
+                           int(obj["answer"]) - 1)
+    return [replace(row, id=str(i)) for i, row in enumerate(data._read_lines(path, parse))]
+
+
+PTB = {"``": '"', "''": '"', "`": "'", "-LRB-": "(", "-RRB-": ")"}   # the tokens' quotes and brackets
+
+
+def _char_starts(sentence, tokens):
+    """Where each token starts in the sentence: the tokens are its substrings, in order (quotes and brackets
+    written as the Penn Treebank writes them)."""
+    starts, pos = [], 0
+    for tok in tokens:
+        tok = PTB.get(tok, tok)
+        at = sentence.find(tok, pos)
+        if at < 0:
+            raise ValueError(f"token {tok!r} is not in the sentence after character {pos}")
+        starts.append(at)
+        pos = at + len(tok)
+    return starts
+
+
+def read_xwinograd_tsv(path):
+    """[(language, WinogradRow)] of XWinograd's dataset.tsv: language, source, "?", sentence, tokens (JSON),
+    pronoun [text, [start, end], tokens] (token offsets), candidates [[text, [start, end], tokens, correct]];
+    the blank is the pronoun's character span, found from its token offsets."""
+    def parse(line):
+        cols = line.split("\t")
+        if len(cols) != 7:
+            raise ValueError(f"expected 7 tab-separated columns, got {len(cols)}")
+        lang, sentence = cols[0], cols[3]
+        try:
+            tokens, pronoun, candidates = (json.loads(c) for c in cols[4:7])
+            (p_start, p_end), texts = pronoun[1], [c[0] for c in candidates]
+            correct = [bool(c[3]) for c in candidates]
+            if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+                    and 0 <= p_start < p_end <= len(tokens) and all(isinstance(t, str) and t for t in texts)):
+                raise TypeError
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise ValueError("columns 5-7 must be the tokens, the pronoun and the candidates as published "
+                             "(JSON)") from None
+        if len(texts) < 2 or correct.count(True) != 1:
+            raise ValueError(f"expected 2 or more candidates with exactly one correct, got {correct}")
+        starts = _char_starts(sentence, tokens)
+        start, end = starts[p_start], starts[p_end - 1] + len(PTB.get(tokens[p_end - 1], tokens[p_end - 1]))
+        return lang, WinogradRow(sentence[:start], texts, sentence[end:], correct.index(True))
+    return [(lang, replace(row, id=str(i))) for i, (lang, row) in enumerate(data._read_lines(path, parse))]
+
+
+def check(path):
+    """A one-line summary of a task file (data.py check), or None when the file is none of these layouts."""
+    p = Path(path)
+    first = p.read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace")
+    if p.name == "dataset.tsv" and first.count("\t") == 6:
+        rows = read_xwinograd_tsv(p)
+        return f"{p}: XWinograd dataset.tsv, {len(rows)} schemas in {len({l for l, _ in rows})} languages"
+    if p.name.startswith("xnli.") and "gold_label" in first:
+        rows = read_xnli_release(p)
+        return f"{p}: XNLI-1.0 release, {len(rows)} pairs in {len({l for l, _ in rows})} languages"
+    if first.split("\t") == STORY_HEADER:
+        return f"{p}: XStoryCloze TSV, {len(read_story_tsv(p))} stories"
+    if p.suffix == ".jsonl" and '"premise"' in first and '"choice1"' in first:
+        return f"{p}: (X)COPA JSON lines, {len(read_copa_jsonl(p))} items"
+    if p.suffix == ".jsonl" and '"option1"' in first:
+        return f"{p}: XWinograd JSON lines, {len(read_winograd_jsonl(p))} schemas"
+    return None

@@ -1,0 +1,120 @@
+"""Tests for tasks.py: each layout's reader on files written here from the documented layouts, their
+file:line errors, data.py check, and the shared dev data when it is beside the repository."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import data
+import tasks
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
+
+
+def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+XNLI_HEAD = ("language\tgold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+             "sentence2_parse\tsentence1\tsentence2\tpromptID\tpairID\tgenre")
+
+
+def xnli_row(lang, label, s1, s2, pair):
+    return f"{lang}\t{label}\t(x)\t(y)\t(X)\t(Y)\t{s1}\t{s2}\t7\t{pair}\tfiction"
+
+
+def test_xnli_release_and_authors_form(tmp_path):
+    write(tmp_path / "rel/xnli.dev.tsv", [XNLI_HEAD, xnli_row("en", "neutral", "A man sleeps.", "He dreams.", 1),
+                                          xnli_row("de", "contradiction", "Ein Mann schläft.", "Er rennt.", 2),
+                                          xnli_row("en", "entailment", "It rains.", "It is wet.", 3)])
+    rows = tasks.read("xnli", tmp_path / "rel", "en", "dev")
+    assert [(r.premise, r.hypothesis, r.label, r.id) for r in rows] == \
+           [("A man sleeps.", "He dreams.", 1, "1"), ("It rains.", "It is wet.", 0, "3")]
+    assert tasks.languages("xnli", tmp_path / "rel") == ["en", "de"]
+    write(tmp_path / "own/zh.test.tsv", ["他睡了。\t他在跑。\tcontradiction", "下雨了。\t地湿了。\t0"])
+    assert [r.label for r in tasks.read("xnli", tmp_path / "own", "zh", "test")] == [2, 0]
+    write(tmp_path / "bad/xnli.test.tsv", [XNLI_HEAD, xnli_row("en", "maybe", "a", "b", 1)])
+    with pytest.raises(ValueError, match=r"xnli.test.tsv:2: label must be one of entailment"):
+        tasks.read("xnli", tmp_path / "bad", "en", "test")
+
+
+def test_pawsx_original_layout(tmp_path):
+    write(tmp_path / "x-final/de/test_2k.tsv", ["id\tsentence1\tsentence2\tlabel", "1\tA b.\tB a.\t0"])
+    write(tmp_path / "x-final/en/dev_2k.tsv", ["id\tsentence1\tsentence2\tlabel", "1\tA b.\tA b!\t1"])
+    assert tasks.languages("pawsx", tmp_path) == ["en", "de"]
+    assert tasks.read("pawsx", tmp_path, "de", "test")[0].label == 0
+    with pytest.raises(FileNotFoundError, match="no dev file for language 'de'"):
+        tasks.read("pawsx", tmp_path, "de", "dev")
+
+
+def test_copa_jsonl(tmp_path):
+    row = dict(premise="The man turned on the faucet.", choice1="The toilet filled with water.",
+               choice2="Water flowed from the spout.", question="effect", label=1, idx=1)
+    write(tmp_path / "en/val.en.jsonl", [json.dumps(row), json.dumps(dict(row, question="cause", label=0, idx=2))])
+    rows = tasks.read("xcopa", tmp_path, "en", "dev")
+    assert rows[0] == tasks.COPARow(row["premise"], [row["choice1"], row["choice2"]], "effect", 1, "1")
+    assert tasks.languages("xcopa", tmp_path) == ["en"]
+    for bad, message in [(dict(row, question="why"), "'cause' or 'effect'"), (dict(row, label=2), "0 or 1"),
+                         ({k: v for k, v in row.items() if k != "choice2"}, "missing field 'choice2'")]:
+        write(tmp_path / "en/test.en.jsonl", [json.dumps(row), json.dumps(bad)])
+        with pytest.raises(ValueError, match=rf"test.en.jsonl:2: .*{message}"):
+            tasks.read("xcopa", tmp_path, "en", "test")
+
+
+def test_storycloze_tsv(tmp_path):
+    head = "\t".join(tasks.STORY_HEADER)
+    story = "s1\tTom was hungry.\tHe opened the fridge.\tIt was empty.\tHe went out.\tHe bought food.\tHe slept.\t1"
+    write(tmp_path / "spring2016.val.ru.tsv_split_20_80_train.tsv", [head, story])
+    write(tmp_path / "spring2016.val.ru.tsv_split_20_80_eval.tsv", [head, story[:-1] + "3"])
+    row, = tasks.read("xstorycloze", tmp_path, "ru", "dev")
+    assert row.sentences[3] == "He went out." and row.endings == ["He bought food.", "He slept."] and row.label == 0
+    assert tasks.languages("xstorycloze", tmp_path) == ["ru"]
+    with pytest.raises(ValueError, match=r"_eval.tsv:2: AnswerRightEnding must be 1 or 2"):
+        tasks.read("xstorycloze", tmp_path, "ru", "test")
+
+
+def test_winograd_published_tsv_and_jsonl(tmp_path):
+    sentence = 'Dan took the rear seat because his "Dibs!" was slow.'
+    tokens = ["Dan", "took", "the", "rear", "seat", "because", "his", "``", "Dibs", "!", "''", "was", "slow", "."]
+    cands = [["Dan", [0, 1], ["Dan"], False], ["the rear seat", [2, 5], ["the", "rear", "seat"], True]]
+    line = f"en\twsc\t?\t{sentence}\t{json.dumps(tokens)}\t{json.dumps(['his', [6, 7], ['his']])}\t{json.dumps(cands)}"
+    write(tmp_path / "dataset.tsv", [line, line.replace("en\t", "fr\t", 1)])
+    row, = tasks.read("xwinograd", tmp_path, "en", "test")
+    assert (row.before, row.options, row.after, row.label) == \
+           ("Dan took the rear seat because ", ["Dan", "the rear seat"], ' "Dibs!" was slow.', 1)
+    assert row.before + row.options[0] + row.after == sentence.replace("his", "Dan")
+    assert tasks.read("xwinograd", tmp_path, "en", "dev") == [row]        # no splits: one pool
+    assert tasks.languages("xwinograd", tmp_path) == ["en", "fr"]
+    write(tmp_path / "bad/dataset.tsv", [line, line.replace("True", "False").replace("true", "false")])
+    with pytest.raises(ValueError, match=r"dataset.tsv:2: expected 2 or more candidates with exactly one correct"):
+        tasks.read("xwinograd", tmp_path / "bad", "en", "test")
+    write(tmp_path / "j/pt.jsonl", [json.dumps(dict(sentence="O _ caiu.", option1="copo", option2="prato", answer="2"))])
+    row, = tasks.read("xwinograd", tmp_path / "j", "pt", "test")
+    assert (row.before, row.options, row.after, row.label) == ("O ", ["copo", "prato"], " caiu.", 1)
+    write(tmp_path / "j/ru.jsonl", [json.dumps(dict(sentence="no blank", option1="a", option2="b", answer=1))])
+    with pytest.raises(ValueError, match=r"ru.jsonl:1: field 'sentence' must hold one '_'"):
+        tasks.read("xwinograd", tmp_path / "j", "ru", "test")
+
+
+def test_data_check_knows_the_task_files(tmp_path):
+    write(tmp_path / "xnli.dev.tsv", [XNLI_HEAD, xnli_row("en", "neutral", "a", "b", 1)])
+    assert "XNLI-1.0 release, 1 pairs in 1 languages" in data.check_file(tmp_path / "xnli.dev.tsv")
+    write(tmp_path / "s.tsv", ["\t".join(tasks.STORY_HEADER), "x\ta\tb\tc\td\te\tf\t2"])
+    assert "XStoryCloze TSV, 1 stories" in data.check_file(tmp_path / "s.tsv")
+    assert data.main(["check", str(write(tmp_path / "val.et.jsonl", ['{"premise": "a", "choice1": 1}']))]) == 1
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the repository")
+def test_shared_dev_data_reads_as_documented():
+    assert tasks.languages("xcopa", SHARED / "xcopa") == ["et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr",
+                                                          "vi", "zh"]
+    assert all(len(tasks.read("xcopa", SHARED / "xcopa", lang, "dev")) == 100
+               for lang in tasks.languages("xcopa", SHARED / "xcopa"))
+    counts = {lang: len(tasks.read("xwinograd", SHARED / "xwinograd", lang, "test"))
+              for lang in tasks.languages("xwinograd", SHARED / "xwinograd")}
+    assert counts == dict(en=2325, fr=83, jp=959, pt=263, ru=315, zh=16)
+    assert tasks.languages("pawsx", SHARED / "pawsx") == ["en", "de", "es", "fr", "ja", "ko", "zh"]
+    assert len(tasks.read("pawsx", SHARED / "pawsx", "ko", "dev")) == 2000
