@@ -100,8 +100,9 @@ def align_workload(device, vocab=2048, n_pairs=16, pair_len=32, n_instr=16, inst
 def align_flops(model, batch):
     """Training FLOPs of one align step on `batch` (model.flops_per_token's accounting): (ours, the authors' way).
     Ours: the pair rows run forward and backward through the pooling layer's blocks only; on the instruction
-    rows the head runs at response positions only. The authors' way: the pair rows run forward through every block and the head, but backward
-    only below the pooling layer (nothing above it reaches the loss); the instruction rows run in full.
+    rows the head runs at response positions only. The authors' way: the pair rows run forward through every
+    block and the head, but backward only below the pooling layer (nothing above it reaches the loss); the
+    instruction rows run in full.
     Matmuls only (the softmax over skipped logits is not counted): the ratio is the saving that the skipped
     matmuls predict."""
     head = 2 * model.head.weight.numel()                     # forward FLOPs of the head per token

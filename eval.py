@@ -48,6 +48,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ from tqdm import tqdm
 
 import data
 import hf
+import tasks
 import xalign
 from model import load_model, repeat_kv
 
@@ -263,7 +265,9 @@ def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, 
     correct_norm = [None if s is None else max(range(len(s)), key=lambda j: s[j][0] / len(it.choices[j])) == it.label
                     for it, s in zip(items, scores)]
     n = len(items) - correct.count(None)
-    out = {"acc": sum(filter(None, correct)) / max(n, 1), "acc_norm": sum(filter(None, correct_norm)) / max(n, 1),
+    acc = sum(filter(None, correct)) / max(n, 1)
+    out = {"acc": acc, "acc_norm": sum(filter(None, correct_norm)) / max(n, 1),
+           "acc_se": math.sqrt(acc * (1 - acc) / n) if n else 0.0,     # the standard error of acc over the items
            "n": n, "truncated": truncated if k else n_cut, "skipped": len(items) - n}
     return dict(out, correct=correct) if per_item else out
 
@@ -359,26 +363,43 @@ def resolve_tasks(data_dir, names):
     return out
 
 
-def mc_eval(model, tokenizer, tasks, cfg):
+def task_source(name, task_dir):
+    """(languages, load(lang, split, template_lang) -> MCItems, has(lang, split)) of a task: the paper's five
+    by name (tasks.py: xnli, pawsx, xcopa, xstorycloze, xwinograd), else a directory of {lang}.{split}.tsv or
+    .jsonl files (the toy world's tasks). XWinograd has no splits: its queries are its demo pool."""
+    if name in tasks.TASKS:
+        return (tasks.languages(name, task_dir), partial(tasks.load_items, name, task_dir),
+                lambda lang, split: name != "xwinograd" and tasks.task_file(name, task_dir, lang, split) is not None)
+    return (data.task_languages(task_dir), partial(data.load_mc_task, task_dir),
+            lambda lang, split: (Path(task_dir) / f"{lang}.{split}.tsv").exists()
+            or (Path(task_dir) / f"{lang}.{split}.jsonl").exists())
+
+
+def mc_eval(model, tokenizer, task_dirs, cfg):
     """results["mc"] for {name: task dir}: every task x setting x language x shots."""
     jobs, pools = [], {}
-    for name, task_dir in tasks.items():
-        langs = data.task_languages(task_dir)
+    for name, task_dir in task_dirs.items():
+        langs, load, has = task_source(name, task_dir)
         if not langs:
-            raise FileNotFoundError(f"task {name!r}: no {{lang}}.{{split}}.tsv or .jsonl files in {task_dir}")
-        # the real PAWS-X has only dev: then the queries come from dev too, and skip themselves as demos
-        split = cfg.split if any(Path(task_dir).glob(f"*.{cfg.split}.*")) else "dev"
+            raise FileNotFoundError(f"task {name!r}: no files of its layout in {task_dir} (see tasks.py)")
+        # the shared PAWS-X and XCOPA have only dev: then the queries come from dev too, and skip themselves
+        # as demos
+        split = cfg.split if has(langs[0], cfg.split) else "dev"
         for setting in cfg.settings:
+            if setting == "cross" and "en" not in langs:
+                print(f"eval.py: {name}: no English data in {task_dir}, so no cross-lingual setting (English demos)",
+                      file=sys.stderr)
+                continue
             for lang in langs if setting == "in" else [l for l in langs if l != "en"]:
                 prompt_lang = lang if setting == "in" else "en"
-                items = data.load_mc_task(task_dir, lang, split, prompt_lang)
+                items = load(lang, split, prompt_lang)
                 idx, items = sample_items(items, cfg.max_items, cfg.seed)
                 facts = Path(task_dir) / f"{lang}.{split}.jsonl"     # knowledge: the facts stated only in English
                 facts = data.read_knowledge_jsonl(facts) if facts.exists() else []
                 en_only = {r["id"]: r.get("en_only") for r in facts}
                 for k in cfg.shots:
                     if k and (name, prompt_lang) not in pools:
-                        pools[name, prompt_lang] = data.load_mc_task(task_dir, prompt_lang, "dev")
+                        pools[name, prompt_lang] = load(prompt_lang, "dev")
                     jobs.append((name, f"{setting}_{k}shot", lang, k, items, idx if split == "dev" else None,
                                  pools.get((name, prompt_lang), []), en_only))
     results = {}

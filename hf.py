@@ -227,7 +227,8 @@ def fuse_qkv(t, q, k, v, cfg):
         w = torch.cat([q, k, v], dim=0)
         return w.T.contiguous() if w.dim() == 2 else w
     hd = cfg.d_model // cfg.n_head
-    return torch.stack([x.reshape(cfg.n_head, hd, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * cfg.d_model, *q.shape[1:])
+    fused = torch.stack([x.reshape(cfg.n_head, hd, *x.shape[1:]) for x in (q, k, v)], dim=1)   # (H, 3, hd, ...)
+    return fused.reshape(3 * cfg.d_model, *q.shape[1:])
 
 
 def state_from_hf(cfg, tensors, files):

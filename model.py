@@ -68,7 +68,8 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         checks = [
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
-            (self.mlp in ("gelu", "gelu_tanh", "swiglu"), f"mlp must be 'gelu', 'gelu_tanh' or 'swiglu', got {self.mlp!r}"),
+            (self.mlp in ("gelu", "gelu_tanh", "swiglu"),
+             f"mlp must be 'gelu', 'gelu_tanh' or 'swiglu', got {self.mlp!r}"),
             (self.pos in ("learned", "sinusoidal", "rope", "alibi"),
              f"pos must be 'learned', 'sinusoidal', 'rope' or 'alibi', got {self.pos!r}"),
             (self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}"),

@@ -275,3 +275,117 @@ def check(path):
     if p.suffix == ".jsonl" and '"option1"' in first:
         return f"{p}: XWinograd JSON lines, {len(read_winograd_jsonl(p))} schemas"
     return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# prompts: rows -> data.MCItem (prefix, choices, label), the template and its words in template_lang
+#
+# Template words for every language of each task. The authors wrote words for en, zh and ar only (zh as
+# theirs; the rest are ours, best effort, and welcome corrections from speakers of the languages).
+
+COPA_WORDS = {  # cause, effect (the question), because, so (the conjunction), the space between words
+    "en": ("Cause", "Effect", "because", "so", " "), "zh": ("起因", "影响", "因为", "所以", ""),
+    "et": ("Põhjus", "Tagajärg", "sest", "seetõttu", " "), "ht": ("Kòz", "Efè", "paske", "donk", " "),
+    "id": ("Sebab", "Akibat", "karena", "maka", " "), "it": ("Causa", "Effetto", "perché", "quindi", " "),
+    "qu": ("Imarayku", "Chaymanta", "imaraykuchus", "chayrayku", " "),
+    "sw": ("Sababu", "Matokeo", "kwa sababu", "kwa hiyo", " "), "ta": ("காரணம்", "விளைவு", "ஏனெனில்", "எனவே", " "),
+    "th": ("สาเหตุ", "ผลลัพธ์", "เพราะ", "ดังนั้น", " "), "tr": ("Sebep", "Sonuç", "çünkü", "bu yüzden", " "),
+    "vi": ("Nguyên nhân", "Kết quả", "bởi vì", "vì vậy", " "),
+}
+
+NLI_WORDS = {  # premise, hypothesis, question (the word, then the question), answer, the three answers
+    "en": ("Premise", "Hypothesis", "Question",
+           "What is the relationship between premise and hypothesis, entailment, neutral, or contradiction?",
+           "Answer", "entailment", "neutral", "contradiction"),
+    "zh": ("前提", "假设", "问题",
+           "前提和假设之间是什么关系，蕴涵、中立还是矛盾？",
+           "回答", "蕴涵", "中立", "矛盾"),
+    "fr": ("Prémisse", "Hypothèse", "Question",
+           "Quelle est la relation entre la prémisse et l'hypothèse : implication, neutre ou contradiction ?",
+           "Réponse", "implication", "neutre", "contradiction"),
+    "es": ("Premisa", "Hipótesis", "Pregunta",
+           "¿Cuál es la relación entre la premisa y la hipótesis: implicación, neutral o contradicción?",
+           "Respuesta", "implicación", "neutral", "contradicción"),
+    "de": ("Prämisse", "Hypothese", "Frage",
+           "Welche Beziehung besteht zwischen Prämisse und Hypothese: Folgerung, neutral oder Widerspruch?",
+           "Antwort", "Folgerung", "neutral", "Widerspruch"),
+    "el": ("Προκείμενη", "Υπόθεση", "Ερώτηση",
+           "Ποια είναι η σχέση μεταξύ προκείμενης και υπόθεσης: συνεπαγωγή, ουδέτερη ή αντίφαση;",
+           "Απάντηση", "συνεπαγωγή", "ουδέτερη", "αντίφαση"),
+    "bg": ("Предпоставка", "Хипотеза", "Въпрос",
+           "Каква е връзката между предпоставката и хипотезата: следствие, неутрална или противоречие?",
+           "Отговор", "следствие", "неутрална", "противоречие"),
+    "ru": ("Посылка", "Гипотеза", "Вопрос",
+           "Каково отношение между посылкой и гипотезой: следование, нейтральность или противоречие?",
+           "Ответ", "следование", "нейтральность", "противоречие"),
+    "tr": ("Öncül", "Hipotez", "Soru",
+           "Öncül ile hipotez arasındaki ilişki nedir: çıkarım, nötr mü, çelişki mi?",
+           "Cevap", "çıkarım", "nötr", "çelişki"),
+    "ar": ("المقدمة", "الفرضية", "السؤال",
+           "ما العلاقة بين المقدمة والفرضية: استلزام، محايد، أم تناقض؟",
+           "الإجابة", "استلزام", "محايد", "تناقض"),
+    "vi": ("Tiền đề", "Giả thuyết", "Câu hỏi",
+           "Mối quan hệ giữa tiền đề và giả thuyết là gì: kéo theo, trung lập hay mâu thuẫn?",
+           "Trả lời", "kéo theo", "trung lập", "mâu thuẫn"),
+    "th": ("ข้อตั้ง", "สมมติฐาน", "คำถาม",
+           "ความสัมพันธ์ระหว่างข้อตั้งและสมมติฐานคืออะไร: ตามมา เป็นกลาง หรือขัดแย้ง?",
+           "คำตอบ", "ตามมา", "เป็นกลาง", "ขัดแย้ง"),
+    "hi": ("आधार वाक्य", "परिकल्पना", "प्रश्न",
+           "आधार वाक्य और परिकल्पना के बीच क्या संबंध है: अनुसरण, तटस्थ या विरोधाभास?",
+           "उत्तर", "अनुसरण", "तटस्थ", "विरोधाभास"),
+    "sw": ("Dhana", "Nadharia", "Swali",
+           "Kuna uhusiano gani kati ya dhana na nadharia: ulazima, kutoegemea, au mkanganyiko?",
+           "Jibu", "ulazima", "kutoegemea", "mkanganyiko"),
+    "ur": ("مقدمہ", "مفروضہ", "سوال",
+           "مقدمہ اور مفروضے کے درمیان کیا تعلق ہے: لازم، غیر جانبدار، یا تضاد؟",
+           "جواب", "لازم", "غیر جانبدار", "تضاد"),
+}
+NO_SPACES = ("zh", "ja", "jp")   # languages written without spaces between words and sentences
+
+
+def _words(table, task, lang):
+    if lang not in table:
+        raise ValueError(f"{task}: no template words for language {lang!r} (tasks.py has {', '.join(table)})")
+    return table[lang]
+
+
+def copa_item(row, lang):
+    """`{Cause|Effect}: {premise} {because|so} {choice}`: the premise without its final stop, the choice with
+    a lower-case first letter, as one sentence (lm-evaluation-harness joins COPA that way too)."""
+    cause, effect, because, so, space = _words(COPA_WORDS, "xcopa", lang)
+    question, conjunction = (cause, because) if row.question == "cause" else (effect, so)
+    premise = row.premise.rstrip().rstrip(".。!！")
+    choices = [space + (c[:1].lower() + c[1:] if space else c) for c in row.choices]
+    return data.MCItem(f"{question}: {premise}{space}{conjunction}", choices, row.label, row.id)
+
+
+def nli_item(row, lang):
+    """The authors' question, scored on the answer words (entailment, neutral, contradiction) like every other
+    task; their code read the next token's A/B/C, which neither their question nor their demos asked for."""
+    premise, hypothesis, question_word, question, answer, *labels = _words(NLI_WORDS, "xnli", lang)
+    prefix = f"{premise}: {row.premise}\n{hypothesis}: {row.hypothesis}\n{question_word}: {question}\n{answer}:"
+    return data.MCItem(prefix, [f" {w}" for w in labels], row.label, row.id)
+
+
+def story_item(row, lang):
+    """The four sentences, then each ending, joined by a space (none in Chinese and Japanese; the authors
+    joined them with none in every language)."""
+    space = "" if lang in NO_SPACES else " "
+    return data.MCItem(space.join(row.sentences), [space + e for e in row.endings], row.label, row.id)
+
+
+def winograd_item(row, lang):
+    """The sentence with each option in the blank; scored from the option to the end of the sentence."""
+    return data.MCItem(row.before, [o + row.after for o in row.options], row.label, row.id)
+
+
+def load_items(task, root, lang, split, template_lang=None):
+    """The MCItems of (lang, split), in the template of template_lang (default lang; the cross-lingual
+    setting passes "en": English template words around target-language content)."""
+    rows = read(task, root, lang, split)
+    tl = template_lang or lang
+    if task == "pawsx":  # data.TEMPLATE_WORDS, or a templates.json beside the files (the toy world's)
+        words = data._template_words(root, tl, ("right", "yes", "no"))
+        return [data.pawsx_item(r.sentence1, r.sentence2, r.label, words, r.id) for r in rows]
+    make = {"xnli": nli_item, "xcopa": copa_item, "xstorycloze": story_item, "xwinograd": winograd_item}[task]
+    return [make(r, tl) for r in rows]

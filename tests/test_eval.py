@@ -229,7 +229,7 @@ def test_task_errors_name_the_file(tok, tmp_path):
         ev.evaluate_model(model, tok, None, ev.EvalConfig(**{**asdict(cfg), "tasks": [f"gap={gap}"]}))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ev.resolve_tasks(None, [f"x={tmp_path / 'nowhere'}"])
-    with pytest.raises(FileNotFoundError, match="no {lang}"):
+    with pytest.raises(FileNotFoundError, match="no files of its layout"):
         ev.evaluate_model(model, tok, None, ev.EvalConfig(**{**asdict(cfg), "tasks": [f"e={tmp_path}"]}))
 
 

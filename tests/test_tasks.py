@@ -118,3 +118,55 @@ def test_shared_dev_data_reads_as_documented():
     assert counts == dict(en=2325, fr=83, jp=959, pt=263, ru=315, zh=16)
     assert tasks.languages("pawsx", SHARED / "pawsx") == ["en", "de", "es", "fr", "ja", "ko", "zh"]
     assert len(tasks.read("pawsx", SHARED / "pawsx", "ko", "dev")) == 2000
+
+
+# ----------------------------------------------------------------------------- prompts
+
+COPA = tasks.COPARow("The man turned on the faucet.", ["The toilet filled with water.", "Water flowed."], "effect", 1)
+
+
+def test_templates_give_the_documented_strings():
+    item = tasks.copa_item(COPA, "en")
+    assert data.demo_text(item) == "Effect: The man turned on the faucet so water flowed."
+    zh = tasks.copa_item(tasks.COPARow("那人打开水龙头。", ["厕所里满是水。", "水流出来了。"], "cause", 0), "zh")
+    assert zh.prefix + zh.choices[0] == "起因: 那人打开水龙头因为厕所里满是水。"
+    nli = tasks.nli_item(tasks.NLIRow("A man sleeps.", "He dreams.", 1), "en")
+    assert nli.prefix == ("Premise: A man sleeps.\nHypothesis: He dreams.\nQuestion: What is the relationship "
+                          "between premise and hypothesis, entailment, neutral, or contradiction?\nAnswer:")
+    assert nli.choices == [" entailment", " neutral", " contradiction"] and nli.label == 1
+    story = tasks.story_item(tasks.StoryRow(["A.", "B.", "C.", "D."], ["E.", "F."], 1), "en")
+    assert data.demo_text(story) == "A. B. C. D. F."
+    wino = tasks.winograd_item(tasks.WinogradRow("The cup fell because ", ["it", "the table"], " was slick.", 1), "en")
+    assert data.demo_text(wino) == "The cup fell because the table was slick."
+    assert all(lang in tasks.NLI_WORDS for lang in ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th",
+                                                    "zh", "hi", "sw", "ur"))           # XNLI's 15 languages
+    with pytest.raises(ValueError, match="xcopa: no template words for language 'xx'"):
+        tasks.copa_item(COPA, "xx")
+
+
+def test_the_paper_tasks_run_in_eval(tmp_path):
+    """eval.py runs each task by name, both settings, demos from dev (XWinograd: from its other items);
+    without English data there is no cross-lingual setting, and the console says so."""
+    import torch
+    import eval as ev
+    from model import Decoder, ModelConfig
+    row = dict(premise="The man turned on the faucet.", choice1="The toilet filled.", choice2="Water flowed.",
+               question="effect", label=1)
+    for lang in ("en", "it"):
+        for split in ("val", "test"):
+            write(tmp_path / f"xcopa/{lang}/{split}.{lang}.jsonl", [json.dumps(dict(row, idx=i)) for i in range(6)])
+    write(tmp_path / "xwinograd/en.jsonl", [json.dumps(dict(sentence=f"The cup {i} fell on _ floor.", option1="the",
+                                                            option2="a", answer=1)) for i in range(5)])
+    write(tmp_path / "xnli/en.dev.tsv", [f"A man {i} sleeps.\tHe dreams.\tneutral" for i in range(4)])
+    texts = ["the man turned on the faucet", "the cup fell on the floor", "Premise Hypothesis Answer entailment"]
+    tok = data.train_tokenizer(texts * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=tok.get_vocab_size(), max_seq_len=160, n_layer=1, n_head=2, d_model=16))
+    cfg = ev.EvalConfig(tasks=[f"{t}={tmp_path / t}" for t in ("xcopa", "xwinograd", "xnli")], shots=(0, 2),
+                        max_items=6, progress=False)
+    mc = ev.evaluate_model(model.eval(), tok, None, cfg)["mc"]
+    assert set(mc["xcopa"]) == {"in_0shot", "in_2shot", "cross_0shot", "cross_2shot"}
+    assert mc["xcopa"]["cross_2shot"]["it"]["n"] == 6 and "en" not in mc["xcopa"]["cross_2shot"]
+    assert mc["xwinograd"]["in_2shot"]["en"]["n"] == 5 and set(mc["xwinograd"]) == {"in_0shot", "in_2shot"}
+    r = mc["xnli"]["in_2shot"]["en"]
+    assert r["n"] == 4 and abs(r["acc_se"] - (r["acc"] * (1 - r["acc"]) / 4) ** 0.5) < 1e-12
