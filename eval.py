@@ -1,7 +1,7 @@
 """
 eval.py: what AFP should change, measured on one checkpoint or two side by side.
 
-    python eval.py CKPT [CKPT2] [--data DIR] [--tasks knowledge,paws=../shared/data/pawsx] [--shots 0,5]
+    python eval.py CKPT [CKPT2] [--data DIR] [--tasks knowledge,pawsx=../shared/data/pawsx] [--shots 0,5]
                    [--split test] [--max-items 200] [--pairs 200] [--batch-size 16] [--no-prefix-cache]
                    [--threads 1] [--out results.json] [--plot pca.png]
 

@@ -357,3 +357,26 @@ def test_specials_when_the_tokenizer_also_appends_an_eos(tmp_path):
     tok = family_tokenizer("gpt2")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
     assert data.hf_specials(tok, {"eos_token_id": 2}, tmp_path) == dict(bos=1, eos=2, pad=2)
+
+
+@needs_transformers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_choice_log_likelihoods_equal_a_direct_transformers_computation(hf_checkpoints, family):
+    """eval.py's scores of (context, choice) on the loaded checkpoint, cached and not, batch 1 and 16, equal the
+    summed log-probabilities that the transformers model gives the same tokens, one sequence at a time."""
+    path, ref_model = hf_checkpoints[family]
+    ours, tok = load_model(path).eval(), data.load_tokenizer(path)
+    contexts = ["the cat sat on the mat.</s>Question: where does the cat live? Answer:", "猫坐在", "le chat est"]
+    choices = [[" home", " the mat", " Paris"], ["垫子上。", "地上"], [" assis", " là"]]
+    seqs, starts, _ = ev.encode_choices(tok, contexts, choices, ours.cfg.max_seq_len)
+    want = []
+    for item_seqs, item_starts in zip(seqs, starts):
+        for s, start in zip(item_seqs, item_starts):
+            with torch.no_grad():
+                logp = ref_model(torch.tensor([s])).logits[0].double().log_softmax(-1)
+            want.append(sum(logp[t - 1, s[t]].item() for t in range(start, len(s))))
+    for cache in (True, False):
+        for batch_size in (1, 16):
+            got = ev.logprobs_of_choices(ours, tok, contexts, choices, batch_size=batch_size, prefix_cache=cache)
+            got = [score for item in got for score, _ in item]
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
