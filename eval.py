@@ -407,6 +407,10 @@ def mc_eval(model, tokenizer, task_dirs, cfg):
     for name, key, lang, k, items, idx, pool, en_only in jobs:
         r = few_shot_accuracy(model, tokenizer, items, pool, k, cfg.seed, idx, cfg.separator, cfg.batch_size,
                               cfg.prefix_cache, bar, per_item=True)
+        if r["skipped"] or r["truncated"]:     # the figure rests on fewer items or shorter prompts: say so
+            tqdm.write(f"eval.py: {name} {key} {lang}: {r['n']} of {len(items)} items scored ({r['skipped']} longer "
+                       f"than the model's {model.cfg.max_seq_len} tokens), {r['truncated']} with fewer demos or a "
+                       "cut context", file=sys.stderr)
         sub = [c for it, c in zip(items, r.pop("correct")) if c is not None and en_only.get(it.id)]
         if sub:
             r.update(acc_en_only=sum(sub) / len(sub), n_en_only=len(sub))
@@ -516,17 +520,17 @@ def markdown_table(results):
                ["| " + " | ".join(r) + " |" for r in rows]
 
     out = ["checkpoints: " + " vs ".join(f"{n} ({r.get('checkpoint')})" for n, r in results.items())]
-    mc = runs[0].get("mc", {})
-    if mc:
-        langs = list(dict.fromkeys(l for e in mc.values() for per in e.values() for l in per if l != "avg"))
+    for task, entries in runs[0].get("mc", {}).items():   # one table per task, its languages as columns
+        langs = list(dict.fromkeys(l for per in entries.values() for l in per if l != "avg"))
         rows = []
-        for task, entries in mc.items():
-            for key, per in entries.items():
-                rows.append([task, key] + [cell(("mc", task, key, l, "acc")) for l in langs + ["avg"]])
-                if any("acc_en_only" in v for v in per.values()):
-                    rows.append([task, key + ", en-only facts"] +
-                                [cell(("mc", task, key, l, "acc_en_only")) for l in langs] + [""])
-        out += table("Few-shot accuracy (acc, %)", ["task", "setting"] + langs + ["avg"], rows)
+        for key, per in entries.items():
+            rows.append([key] + [cell(("mc", task, key, l, "acc")) for l in langs + ["avg"]])
+            if any("acc_en_only" in v for v in per.values()):
+                rows.append([key + ", en-only facts"] + [cell(("mc", task, key, l, "acc_en_only")) for l in langs]
+                            + [""])
+        n = sorted({r["n"] for per in entries.values() for l, r in per.items() if l != "avg"})
+        out += table(f"{task}: few-shot accuracy (acc, %; {n[0]}–{n[-1]} items a cell)", ["setting"] + langs + ["avg"],
+                     rows)
     rep = runs[0].get("repr")
     if rep:
         xx, rows = list(rep["pairs"]), []

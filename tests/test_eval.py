@@ -256,7 +256,9 @@ def test_evaluate_end_to_end(tiny_run, capsys):
     ev.main([str(tiny_run / "base"), str(tiny_run / "aligned"), "--shots", "0,2", "--max-items", "8",
              "--pairs", "16", "--out", str(out)])
     table = capsys.readouterr().out
-    assert "→" in table and "| pawsx | cross_2shot |" in table and "lang_id_acc" in table
+    assert "→" in table and "lang_id_acc" in table
+    pawsx = table.split("pawsx: few-shot accuracy (acc, %; 8–8 items a cell)")[1].split("\n\n", 2)[1]
+    assert pawsx.startswith("| setting | en | xa | xb | xc | avg |") and "\n| cross_2shot |  | " in pawsx  # no en
     res = json.loads(out.read_text())
     assert list(res) == ["base", "aligned"]
     r = res["base"]
@@ -318,3 +320,14 @@ def test_scoring_without_bos(tok):
         logits = model(torch.tensor([ids + [data.EOS]])).logits[0, :-1].log_softmax(-1)
     nll = -logits.gather(1, torch.tensor(ids[1:] + [data.EOS])[:, None]).sum().item()
     assert abs(r["bits_per_char"] - nll / math.log(2) / (len(text) + 1 - first)) < 1e-4
+
+
+def test_skipped_and_truncated_items_are_reported(tok, tmp_path, capsys):
+    long = "the cat sat on the mat " * 12
+    rows = [f"{i}\tthe cat sat\tthe cat ran\t{i % 2}" for i in range(4)] + [f"9\t{long}\t{long}\t1"]
+    task = write_task(tmp_path / "t", {"en.dev.tsv": rows})
+    cfg = ev.EvalConfig(tasks=[f"t={task}"], shots=(0, 2), max_items=5, progress=False)
+    r = ev.evaluate_model(make_model(tok, max_seq_len=40), tok, None, cfg)["mc"]["t"]["in_0shot"]["en"]
+    assert (r["n"], r["skipped"]) == (4, 1)
+    err = capsys.readouterr().err
+    assert "t in_0shot en: 4 of 5 items scored (1 longer than the model's 40 tokens)" in err
