@@ -180,8 +180,9 @@ def bench_train_step(stage, device, repeats, autocast, peak):
     return dict(stage=stage, tokens_per_s=tokens / t, mfu=flops / t / peak)
 
 
-def bench_eval(device, repeats):
-    """Prefix-cached against full-sequence choice scoring at 5 shots (eval.py's scorer)."""
+def bench_eval(device, repeats, real_shape=False):
+    """Prefix-cached against full-sequence choice scoring at 5 shots (eval.py's scorer), on the 4-block width-256
+    model or (real_shape) on XGLM-564M's shape with random weights."""
     import eval as xeval
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     words = "the cat sat on a mat with one dog that ran far away from home today".split()
@@ -192,11 +193,16 @@ def bench_eval(device, repeats):
         vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = data.TextTokenizer(tok, data.BOS, data.EOS, data.PAD)
-    model = make_model(4, device, vocab=tok.get_vocab_size()).eval()
+    if real_shape:
+        import hf
+        torch.manual_seed(0)
+        model = Decoder(hf.config_from_hf(XGLM_564M)).to(device).eval()
+    else:
+        model = make_model(4, device, vocab=tok.get_vocab_size()).eval()
     g = torch.Generator().manual_seed(0)
     sentence = lambda n: " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
     demos = "\n\n".join(f"{sentence(12)}, right? Yes, {sentence(12)}" for _ in range(5))
-    n_items = 16
+    n_items = 8 if real_shape else 16
     contexts = [f"{demos}\n\n{sentence(12)}, right?" for _ in range(n_items)]
     choices = [[f" Yes, {sentence(12)}", f" No, {sentence(12)}"] for _ in range(n_items)]
     run = lambda cache: xeval.logprobs_of_choices(model, tok, contexts, choices, batch_size=16, prefix_cache=cache)
@@ -393,6 +399,7 @@ def main():
     try:
         import transformers  # noqa: F401  (test-only: requirements-dev.txt)
         figures["real"] = None if args.no_real else bench_real(device, max(2, args.repeats // 2))
+        figures["eval_real"] = None if args.no_real else bench_eval(device, 2, real_shape=True)
     except ImportError:
         figures["real"] = dict(error="transformers is not installed (pip install -r requirements-dev.txt)")
 
@@ -421,6 +428,11 @@ def main():
                      f"{r['tokens_per_s_transformers']:,.0f} tokens/s; FLOPs ratio {r['flops_ratio']:.2f}x), "
                      f"peak memory above weights and gradients {r['peak_mb_ours']:,.0f} vs "
                      f"{r['peak_mb_transformers']:,.0f} MB ({r['memory_ratio']:.2f}x), loss diff {r['loss_diff']:.1e}"))
+    e = f.get("eval_real")
+    if e is not None:
+        rows.append(("prefix-cached vs full scoring, 5-shot, XGLM-564M's shape",
+                     f"{e['speedup']:.2f}x ({e['items_per_s_cached']:.2f} vs {e['items_per_s_full']:.2f} items/s), "
+                     f"max diff {e['max_diff']:.1e}"))
     print("| figure | measured |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
