@@ -307,10 +307,10 @@ def test_align_step_and_eval_on_a_family_checkpoint(family, tmp_path, capsys):
     for lang in ("en", "de"):
         rows = [f"{i}\tthe cat {i} sat.\tthe cat {i} sits.\t{i % 2}\n" for i in range(12)]
         (task / f"{lang}.dev.tsv").write_text("id\tsentence1\tsentence2\tlabel\n" + "".join(rows))
-    cfg = ev.EvalConfig(tasks=[f"paws={task}"], shots=(0, 2), max_items=12, progress=False)
+    cfg = ev.EvalConfig(tasks=[f"pawsx={task}"], shots=(0, 2), max_items=12, progress=False)
     res = ev.evaluate(out / "aligned.hf", cfg=cfg)
     for key in ("in_0shot", "in_2shot", "cross_2shot"):
-        for lang, r in res["mc"]["paws"][key].items():
+        for lang, r in res["mc"]["pawsx"][key].items():
             assert lang == "avg" or (r["n"] == 12 and r["skipped"] == 0 and 0 <= r["acc"] <= 1)
 
 
