@@ -77,7 +77,7 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
         assert model.cfg.vocab_size == tok.get_vocab_size()
         ids = torch.tensor([[data.BOS] + tok.encode("Kalib sells the red apple.").ids])
         assert torch.isfinite(model(ids).logits).all()
-        state = torch.load(last / "state.pt", weights_only=False)
+        state = torch.load(last / "state.pt", weights_only=True)
         assert state["step"] == steps[stage] and {"optimizer", "scheduler", "rng"} <= set(state)
     assert not any(".tmp-" in p.name or ".old-" in p.name for p in run_dir.iterdir())  # no half-written ones
     base, aligned = weights(run_dir / "base"), weights(run_dir / "aligned")
