@@ -486,9 +486,13 @@ def evaluate(ckpt_dir, data_dir=None, tasks=None, shots=None, cfg=None):
     tok_file = ckpt if tok_file == ckpt / "tokenizer.json" else tok_file   # the checkpoint's own special ids
     if tok_file is None:
         raise FileNotFoundError(f"{ckpt}: no tokenizer.json in it or beside it")
+    tokenizer = data.load_tokenizer(tok_file)
+    if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+        raise hf.CheckpointError(f"{tok_file}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
+                                 f"model's {model.cfg.vocab_size}: it is not this model's tokenizer")
     data_dir = data_dir or meta.get("data_dir")
     res = {"checkpoint": str(ckpt), "stage": meta.get("stage"), "step": meta.get("step")}
-    return dict(res, **evaluate_model(model, data.load_tokenizer(tok_file), data_dir, cfg))
+    return dict(res, **evaluate_model(model, tokenizer, data_dir, cfg))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -600,7 +604,7 @@ def main(argv=None):
     names = names if len(set(names)) == len(names) else args.ckpt
     try:
         results = {n: evaluate(c, args.data, cfg=cfg) for n, c in zip(names, args.ckpt)}
-    except hf.CheckpointError as e:
+    except (FileNotFoundError, ValueError) as e:  # a checkpoint, task directory or data file (FILE:LINE) at fault
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(markdown_table(results))

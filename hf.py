@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, processors
 
-from model import Decoder, ModelConfig
+from model import CheckpointError, Decoder, ModelConfig
 
 FAMILIES = ("gpt2", "xglm", "bloom", "llama", "qwen2")
 PREFIX = {"gpt2": "transformer.", "xglm": "model.", "bloom": "transformer.", "llama": "model.", "qwen2": "model."}
@@ -37,8 +37,6 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
                 "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as one of the supported families; the message names the file."""
 
 
 def is_hf_checkpoint(path):

@@ -464,8 +464,19 @@ def load_model(ckpt_dir, device="cpu"):
     for name in ("config.json", "model.pt"):
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint directory (missing {name})")
-    cfg = ModelConfig(**json.loads((ckpt_dir / "config.json").read_text())["model"])
+    try:
+        cfg = ModelConfig(**json.loads((ckpt_dir / "config.json").read_text())["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt_dir / 'config.json'}: not a model config of train.py ({e})") from None
     with torch.device("meta"):                                  # no time spent on a random init
         model = Decoder(cfg)
-    model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location=device, weights_only=True), assign=True)
+    try:
+        model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location=device, weights_only=True), assign=True)
+    except Exception as e:  # truncated, foreign or mismatched: torch raises several kinds
+        raise CheckpointError(f"{ckpt_dir / 'model.pt'}: does not load as the model of its config.json "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.tie_weights().to(device)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as this Decoder (ours or a Hugging Face one); the message names the file."""

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -224,6 +225,11 @@ def check_config(cfg):
         (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)"),
         (not (cfg.init and cfg.stage != "align"), "--init is for --stage align (--stage all pretrains its own base)"),
         (all("=" in b for b in cfg.bactrian), "--bactrian takes lang=path items, e.g. en=en.json zh=zh.json"),
+        (len(cfg.bactrian) != 1, "--bactrian needs two languages or more (the first is the pivot), e.g. "
+                                 "en=en.json zh=zh.json"),
+        ((cfg.align_pair_batch_size or cfg.align_batch_size) >= 2,
+         "the contrastive term needs 2 pairs or more a step (--align-batch-size / --align-pair-batch-size): "
+         "the other pairs are its negatives"),
         (cfg.align_pair_batch_size >= 0, "--align-pair-batch-size must be >= 0"),
         (cfg.pretrain_batch_size % world_size == 0 and cfg.align_batch_size % world_size == 0
          and cfg.align_pair_batch_size % world_size == 0,
@@ -378,6 +384,9 @@ def pretrain_texts(cfg, world_dir):
     """(train documents, dev documents)."""
     if cfg.text:
         docs = [d for path in cfg.text for d in data.read_text(path)]
+        if len(docs) < 2:
+            raise ValueError(f"--text {' '.join(cfg.text)}: {len(docs)} document(s); pretraining holds out the last "
+                             "2% (one at least) for the dev loss, so it needs 2 or more (a blank line separates them)")
         n_dev = max(1, len(docs) // 50)  # hold out the last 2% for the dev loss
         return docs[:-n_dev], docs[-n_dev:]
     dev = [d for path in sorted((world_dir / "text").glob("*.dev.txt")) for d in data.read_text(path)]
@@ -386,8 +395,13 @@ def pretrain_texts(cfg, world_dir):
 
 def align_examples(cfg, world_dir):
     """(train examples, dev examples) of data.AlignExample, from the flags' files or the toy world."""
-    ex = [e for path in cfg.pairs for e in translation_examples(path, cfg.seed)]
-    ex += [e for path in cfg.afp_jsonl for e in data.read_afp_jsonl(path)]
+    ex = []
+    for path, read in [(p, partial(translation_examples, seed=cfg.seed)) for p in cfg.pairs] + \
+                      [(p, data.read_afp_jsonl) for p in cfg.afp_jsonl]:
+        rows = read(path)
+        if not rows:
+            raise ValueError(f"{path}: no rows in the file")
+        ex += rows
     if cfg.bactrian:
         ex += data.read_bactrian(dict(b.split("=", 1) for b in cfg.bactrian), cfg.cross_probability, cfg.seed)
     if ex:
@@ -702,9 +716,12 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
             losses = dict(zip(parts, stats[:-1].tolist()))
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):
+                saved = (f"The last good checkpoint {last_dir} is untouched (--resume from it, perhaps with a lower "
+                         "learning rate)" if (last_dir / "state.pt").is_file() else
+                         f"No checkpoint was saved before it (the first comes at step {eval_every}): start again, "
+                         "perhaps with a lower learning rate")
                 raise Diverged(f"{stage}: non-finite loss {losses['loss']} (grad norm {grad_norm}) at step {step + 1}; "
-                               f"stopped before the update. The last good checkpoint {last_dir} is untouched "
-                               "(--resume from it, perhaps with a lower learning rate)")
+                               f"stopped before the update. {saved}")
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
@@ -752,8 +769,8 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
 # -----------------------------------------------------------------------------
 # the stages
 
-def pretrain(cfg, env, world_dir):
-    train_docs, dev_docs = pretrain_texts(cfg, world_dir)
+def pretrain(cfg, env, world_dir, inputs):
+    train_docs, dev_docs = inputs.text or pretrain_texts(cfg, world_dir)
     tok_texts = list(train_docs)
     if world_dir is not None and not cfg.text:  # the toy tokenizer also sees the alignment texts (all languages)
         tok_texts += [t for e in align_examples(cfg, world_dir)[0] for t in (e.sent0, e.sent1, e.clm_text)]
@@ -771,13 +788,13 @@ def pretrain(cfg, env, world_dir):
     return train_stage("pretrain", cfg, env, model, tokenizer, lm_loss, train_data, dev_data, hp, meta)
 
 
-def align(cfg, env, world_dir):
+def align(cfg, env, world_dir, inputs):
     init = Path(init_dir(cfg))
     model = load_model(init, env.device)
     model.grad_checkpointing = cfg.grad_checkpointing
     tokenizer = data.load_tokenizer(init)
     init_meta = json.loads((init / "config.json").read_text())
-    train_ex, dev_ex = align_examples(cfg, world_dir)
+    train_ex, dev_ex = inputs.align or align_examples(cfg, world_dir)
     if len(dev_ex) < 2:
         raise ConfigError(f"align: {len(dev_ex)} dev examples; the contrastive dev loss needs at least 2")
     args = dict(tokenizer=tokenizer, batch_size=cfg.align_batch_size, max_len=cfg.max_len, seed=cfg.seed,
@@ -785,7 +802,7 @@ def align(cfg, env, world_dir):
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
     if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
         files, world = replay_source(cfg)
-        texts = pretrain_texts(replace(cfg, text=files), world)
+        texts = inputs.text or pretrain_texts(replace(cfg, text=files), world)
         args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
                     rank=env.rank, world_size=env.world_size)
         train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))
@@ -828,9 +845,29 @@ def report(cfg, env, world_dir):
     return results
 
 
+class Inputs(NamedTuple):
+    text: tuple | None       # (train, dev) documents of --text
+    align: tuple | None      # (train, dev) examples of --pairs, --afp-jsonl and --bactrian
+
+
+def read_inputs(cfg):
+    """Every file of --text, --pairs, --afp-jsonl and --bactrian, read and checked now, so that a bad row stops
+    the run before pretraining rather than after it."""
+    try:
+        text = pretrain_texts(cfg, None) if cfg.text else None
+        align = align_examples(cfg, None) if own_alignment_data(cfg) and cfg.stage != "pretrain" else None
+    except ValueError as e:  # the readers' "FILE:LINE: what is wrong"
+        raise ConfigError(str(e)) from None
+    if align is not None and len(align[1]) < 2:
+        raise ConfigError(f"{sum(map(len, align))} alignment examples: too few to hold out the 2 that the "
+                          "contrastive dev loss needs (10 or more)")
+    return Inputs(text, align)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    check_inputs(cfg)  # every error up to here comes before any work
+    check_inputs(cfg)
+    inputs = read_inputs(cfg)  # every error up to here comes before any work
     env = setup_env(cfg)
     try:
         real_data = cfg.text if cfg.stage == "pretrain" else own_alignment_data(cfg)
@@ -838,9 +875,9 @@ def main(argv=None):
             real_data = cfg.text and own_alignment_data(cfg)
         world_dir = None if real_data else prepare_world(cfg, env)
         if cfg.stage in ("pretrain", "all"):
-            pretrain(cfg, env, world_dir)
+            pretrain(cfg, env, world_dir, inputs)
         if cfg.stage in ("align", "all"):
-            align(cfg, env, world_dir)
+            align(cfg, env, world_dir, inputs)
         if cfg.stage == "all" and cfg.eval and env.master:
             return report(cfg, env, world_dir)
     finally:

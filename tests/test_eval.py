@@ -331,3 +331,31 @@ def test_skipped_and_truncated_items_are_reported(tok, tmp_path, capsys):
     assert (r["n"], r["skipped"]) == (4, 1)
     err = capsys.readouterr().err
     assert "t in_0shot en: 4 of 5 items scored (1 longer than the model's 40 tokens)" in err
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
+    """A missing checkpoint, an invalid config.json, a truncated model.pt, another model's tokenizer and a bad
+    task file each give one 'eval.py: error:' line naming the file, exit status 2, no traceback."""
+    import shutil
+    cases = {}
+    for name, edit in [("config", lambda d: (d / "config.json").write_text("{not json")),
+                       ("truncated", lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:999])),
+                       ("tokenizer", lambda d: (d / "tokenizer.json").write_text(data.train_tokenizer(
+                           [f"w{i} t{7 * i} u{13 * i}" for i in range(3000)], 700).tokenizer.to_str()))]:
+        d = tmp_path / name
+        shutil.copytree(tiny_run / "base", d)
+        shutil.copy(tiny_run / "tokenizer.json", d / "tokenizer.json")
+        edit(d)
+        cases[name] = ([str(d), "--tasks", f"pawsx={tiny_run / 'data/tasks/pawsx'}"], f"{name}")
+    bad_task = tmp_path / "badtask"
+    bad_task.mkdir()
+    (bad_task / "en.dev.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\n")
+    cases["task"] = ([str(tiny_run / "base"), "--tasks", f"pawsx={bad_task}"], "en.dev.tsv:2: expected 4")
+    cases["missing"] = ([str(tmp_path / "nowhere"), "--tasks", f"pawsx={bad_task}"], "nowhere")
+    for name, (argv, needle) in cases.items():
+        with pytest.raises(SystemExit) as stop:
+            ev.main([*argv, "--shots", "0", "--max-items", "2", "--pairs", "5"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line]
+        assert stop.value.code == 2 and "Traceback" not in err, name
+        assert lines[-1].startswith("eval.py: error: ") and needle in lines[-1], (name, lines[-1])

@@ -287,3 +287,38 @@ def test_command_line_errors_and_help():
         out, err = p.communicate(timeout=120)
         assert p.returncode == code and message in out + err, (argv, p.returncode, err[-2000:])
     assert not Path("/nonexistent/never").exists()
+
+
+def test_bad_input_files_stop_the_run_before_pretraining(world, tmp_path):
+    """Every input file is read before any work: a bad row of an alignment file stops --stage all before the
+    base model is trained; empty or degenerate inputs get one clear message, not a crash inside numpy."""
+    good = "".join(f"the cat {i}.\tdie Katze {i}.\n" for i in range(20))
+    files = {"bad.tsv": good + "only one column\n", "empty.tsv": "", "one.txt": "a single document\n",
+             "two.txt": "the cat sat.\n\nthe dog ran.\n",
+             "empty.jsonl": "", "en.json": "[]"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [
+        (["--text", "{two.txt}", "--pairs", "{bad.tsv}"], r"bad.tsv:21: expected 2 tab-separated columns"),
+        (["--text", "{one.txt}"], r"one.txt: 1 document\(s\)"),
+        (["--stage", "align", "--init", "{base}", "--pairs", "{empty.tsv}"], r"empty.tsv: no rows in the file"),
+        (["--stage", "align", "--init", "{base}", "--afp-jsonl", "{empty.jsonl}"], r"empty.jsonl: no rows"),
+        (["--bactrian", "en={en.json}"], "--bactrian needs two languages or more"),
+        (["--align-batch-size", "1", "--align-pair-batch-size", "0"], "needs 2 pairs or more a step"),
+    ]
+    base = tmp_path / "run"
+    train.main([*TINY, "--data-dir", world, "--stage", "pretrain", "--steps", "2", "--out", str(base)])
+    for argv, message in cases:
+        for key, path in [("{base}", base / "base")] + [("{%s}" % k, tmp_path / k) for k in files]:
+            argv = [a.replace(key, str(path)) for a in argv]
+        out = tmp_path / "out"
+        with pytest.raises(train.ConfigError, match=message):
+            train.main([*TINY, *argv, "--out", str(out)])
+        assert not (out / "base").exists() and not (out / "aligned").exists()
+
+
+def test_divergence_before_the_first_save_says_so(world, tmp_path):
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    with pytest.raises(train.Diverged, match=r"at step 3; .*No checkpoint was saved before it \(the first comes at "
+                                             r"step 5\)"):
+        train.main([*args, "--debug-nan-at-step", "3"])
