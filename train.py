@@ -252,6 +252,30 @@ def check_config(cfg):
         check_layer(cfg, cfg.n_layer)
 
 
+# flags that change no result, which --resume accepts changed (with the stage's learning rate)
+RESUME_FREE = {"stage", "preset", "resume", "device", "compile", "eval", "grad_checkpointing", "log_every",
+               "eval_every", "eval_batches", "debug_nan_at_step", "debug_interrupt_at_step"}
+
+
+def check_resume(cfg):
+    """--resume continues a run with the flags it started with. Only the stage's learning rate (which takes
+    effect from the step resumed at; train_stage logs it) and the flags of RESUME_FREE may differ; any other
+    change is refused here, before any work, rather than silently ignored."""
+    stages = ("pretrain", "align") if cfg.stage == "all" else (cfg.stage,)
+    for stage in stages:
+        path = Path(cfg.out) / f"{STAGE_DIR[stage]}.last" / "config.json"
+        if not path.is_file():
+            continue
+        saved, other = json.loads(path.read_text()).get("train", {}), {"pretrain": "align_", "align": "pretrain_"}[stage]
+        for k, v in asdict(cfg).items():
+            if k in RESUME_FREE or k == f"{stage}_lr" or k.startswith(other) or k not in saved:
+                continue
+            if (list(v) if isinstance(v, tuple) else v) != saved[k]:
+                raise ConfigError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} when {path.parent} was saved, "
+                                  f"now {v!r}; a run resumes with the flags it started with (only --{stage}-lr and "
+                                  f"{', '.join('--' + f.replace('_', '-') for f in sorted(RESUME_FREE))} may change)")
+
+
 def check_layer(cfg, n_layer):
     if not -n_layer - 1 <= cfg.layer <= n_layer:
         raise ConfigError(f"--layer {cfg.layer} is out of range for a model of {n_layer} blocks "
@@ -272,6 +296,8 @@ def check_inputs(cfg):
     if cfg.data_dir and not (Path(cfg.data_dir) / "world.json").is_file():
         raise ConfigError(f"--data-dir {cfg.data_dir} is not a toy world (no world.json); make one with "
                           "`python data.py toy --out DIR` or leave --data-dir out")
+    if cfg.resume:
+        check_resume(cfg)
     if cfg.replay_weight < 0 or (cfg.replay_weight and cfg.replay_batch_size < 1):
         raise ConfigError(f"--replay-weight {cfg.replay_weight} must be >= 0, with --replay-batch-size >= 1")
     if cfg.stage != "align":
@@ -667,6 +693,11 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
         set_rng_state(state["rng"])
         step, best, tokens = state["step"], state["best_dev"], state["tokens"]
         log(env, f"{stage}: resuming from {last_dir} at step {step}/{steps}")
+        if sched.base_lrs[0] != hp["lr"]:  # --resume with another learning rate: the schedule continues at it
+            log(env, f"{stage}: peak learning rate {hp['lr']} from step {step} on (was {sched.base_lrs[0]})")
+            sched.base_lrs = [hp["lr"]] * len(opt.param_groups)
+            for group in opt.param_groups:
+                group["initial_lr"], group["lr"] = hp["lr"], hp["lr"] * schedule(step)
     if step >= steps:
         log(env, f"{stage}: already done ({step} steps), best checkpoint {best_dir}")
         return best_dir, tokens
@@ -722,7 +753,7 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
                          "perhaps with a lower learning rate")
                 raise Diverged(f"{stage}: non-finite loss {losses['loss']} (grad norm {grad_norm}) at step {step + 1}; "
                                f"stopped before the update. {saved}")
-            lr = sched.get_last_lr()[0]
+            lr = opt.param_groups[0]["lr"]  # the rate this update uses
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

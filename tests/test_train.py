@@ -322,3 +322,21 @@ def test_divergence_before_the_first_save_says_so(world, tmp_path):
     with pytest.raises(train.Diverged, match=r"at step 3; .*No checkpoint was saved before it \(the first comes at "
                                              r"step 5\)"):
         train.main([*args, "--debug-nan-at-step", "3"])
+
+
+def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_path):
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--steps", "12", "--eval-every", "5",
+            "--log-every", "1", "--out", str(tmp_path)]
+    with pytest.raises(train.Interrupted):
+        train.main([*args, "--debug-interrupt-at-step", "5"])
+    with pytest.raises(train.ConfigError, match=r"--pretrain-batch-size was 8 when .*base.last was saved, now 4"):
+        train.main([*args, "--resume", "--batch-size", "4"])
+    train.main([*args, "--resume", "--lr", "1e-4"])
+    cfg = train.parse_config(args)
+    warmup = -(-cfg.warmup_ratio * 12 // 1)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())
+              if "lr" in r}
+    for step in (6, 12):                                       # the lr that optimizer step `step` used
+        want = 1e-4 * train.lr_factor(step - 1, 12, int(warmup), cfg.min_lr_ratio)
+        assert logged[step] == pytest.approx(want, rel=1e-9)
+    assert read_json(tmp_path / "base.last/config.json")["train"]["pretrain_lr"] == 1e-4   # config.json agrees
