@@ -23,8 +23,9 @@ kept out of all training data. `python data.py toy --out DIR [--seed S]` writes 
   tasks/*/templates.json         template words per language {"right","yes","no","question","answer"}
   world.json                     config, language names, lexicon, and the facts with their split and en_only flag
   tokenizer.json                 byte-level BPE trained on pretrain.txt + align.train.jsonl texts
-`python data.py check FILE` validates any of these formats (and real PAWS-X / Bactrian-X files) and exits 1
-with "FILE:LINE: reason" on the first bad line: every reader raises that ValueError on a malformed line.
+`python data.py check FILE` validates any of these formats (and real PAWS-X / Bactrian-X files, and the paper's
+five evaluation tasks) and exits 2 with "FILE:LINE: reason" on the first bad line: every reader raises that
+ValueError on a malformed line.
 Batches (collate_align, AlignData, PretrainData) have the keys of spec/INTERFACES.md, and batch(step) depends
 only on (seed, step, rank), so a resumed run sees exactly the data it would have seen.
 """
@@ -706,8 +707,16 @@ def _columns(line, n):
     return cols
 
 
+def _no_bom(path):
+    """A UTF-8 byte-order mark would become part of the first field: refuse it, naming the file."""
+    with open(path, "rb") as f:
+        if f.read(3) == b"\xef\xbb\xbf":
+            raise ValueError(f"{path}:1: starts with a UTF-8 byte-order mark; save it as UTF-8 without one")
+
+
 def _read_lines(path, parse, skip_bad=False, first=1):
     """Apply parse(line) to each line from number `first` on; blank lines are errors too."""
+    _no_bom(path)
     lines = Path(path).read_bytes().split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -732,6 +741,7 @@ def _read_lines(path, parse, skip_bad=False, first=1):
 
 def read_text(path) -> list:
     """Plain-text documents separated by blank lines (lines of a document are joined with newlines)."""
+    _no_bom(path)
     docs, cur = [], []
     for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
         try:
@@ -767,6 +777,7 @@ def read_afp_jsonl(path, skip_bad=False) -> list:
 
 def read_pawsx_tsv(path, skip_bad=False) -> list:
     """PAWS-X TSV with the header id, sentence1, sentence2, label (1 = paraphrase)."""
+    _no_bom(path)
     head = Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r")
     if head.split("\t") != PAWSX_HEADER:
         raise ValueError(f"{path}:1: expected the header {' '.join(PAWSX_HEADER)} (tab-separated)")
@@ -1103,7 +1114,7 @@ def main(argv=None):
     toy.add_argument("--pretrain-tokens", type=int, default=WorldConfig.pretrain_tokens,
                      help="pretraining corpus size in whitespace words")
     toy.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary; 0 skips the tokenizer")
-    check = sub.add_parser("check", help="validate a data file; exit status 1 on the first bad line")
+    check = sub.add_parser("check", help="validate a data file; exit status 2 on the first bad line")
     check.add_argument("file")
     args = ap.parse_args(argv)
     if args.command == "check":
@@ -1112,7 +1123,7 @@ def main(argv=None):
             return 0
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return 2
     t0 = time.time()
     world = build_world(WorldConfig(seed=args.seed, pretrain_tokens=args.pretrain_tokens))
     write_world(world, args.out)

@@ -147,6 +147,7 @@ def read_nli_tsv(path):
 
 
 def _header(path, needed):
+    data._no_bom(path)
     head = Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r").split("\t")
     missing = [c for c in needed if c not in head]
     if missing:

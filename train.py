@@ -266,7 +266,8 @@ def check_resume(cfg):
         path = Path(cfg.out) / f"{STAGE_DIR[stage]}.last" / "config.json"
         if not path.is_file():
             continue
-        saved, other = json.loads(path.read_text()).get("train", {}), {"pretrain": "align_", "align": "pretrain_"}[stage]
+        saved = json.loads(path.read_text()).get("train", {})
+        other = {"pretrain": "align_", "align": "pretrain_"}[stage]     # the other stage's flags may differ
         for k, v in asdict(cfg).items():
             if k in RESUME_FREE or k == f"{stage}_lr" or k.startswith(other) or k not in saved:
                 continue
@@ -542,11 +543,14 @@ def fsync(path):
 
 
 def recover_checkpoint(path):
-    """After a crash between the two renames of save_checkpoint, the previous checkpoint sits at <path>.old-PID."""
+    """After a crash between the two renames of save_checkpoint the previous checkpoint sits at <path>.old-PID:
+    put it back. Leftovers of a crashed save (<path>.tmp-PID, half written, and other .old-PID) are removed."""
     if not path.exists():
         for old in sorted(path.parent.glob(f"{path.name}.old-*")):
             os.replace(old, path)
             break
+    for leftover in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     return path
 
 
@@ -667,7 +671,10 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
     """Train model for hp["steps"] optimizer steps. Keeps OUT/<dir> (best dev loss) and OUT/<dir>.last (latest,
     resumable). Returns (path of the best checkpoint, tokens trained on)."""
     out = Path(cfg.out)
-    best_dir, last_dir = out / STAGE_DIR[stage], recover_checkpoint(out / f"{STAGE_DIR[stage]}.last")
+    best_dir, last_dir = out / STAGE_DIR[stage], out / f"{STAGE_DIR[stage]}.last"
+    if env.master:                                      # a crash may have left either half swapped
+        recover_checkpoint(best_dir), recover_checkpoint(last_dir)
+    barrier(env)
     steps = hp["steps"]
     eval_every = cfg.eval_every or max(1, steps // 5)
     opt = make_optimizer(model, hp["lr"], hp["weight_decay"], hp["betas"], env.device)

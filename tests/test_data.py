@@ -427,14 +427,14 @@ def test_check_command(world_dir, tmp_path, capsys):
                  "instructions/xb.json", "pretrain.txt", "tasks/pawsx/templates.json", "world.json"):
         assert data.main(["check", str(world_dir / name)]) == 0, name
     bad = write(tmp_path / "bad.jsonl", ROW + "\n" + ROW.replace(": 7", ": 99") + "\n")
-    assert data.main(["check", str(bad)]) == 1 and f"{bad}:2:" in capsys.readouterr().err
-    assert data.main(["check", str(tmp_path / "missing.tsv")]) == 1
+    assert data.main(["check", str(bad)]) == 2 and f"{bad}:2:" in capsys.readouterr().err
+    assert data.main(["check", str(tmp_path / "missing.tsv")]) == 2
     # the exit status as a shell sees it
     ok = subprocess.run([sys.executable, str(REPO / "data.py"), "check", str(world_dir / "pairs/en-xa.dev.tsv")],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
     res = subprocess.run([sys.executable, str(REPO / "data.py"), "check", str(bad)], capture_output=True, text=True)
-    assert res.returncode == 1 and f"{bad}:2:" in res.stderr
+    assert res.returncode == 2 and f"{bad}:2:" in res.stderr
 
 
 def test_toy_command_writes_world_and_tokenizer(tmp_path):

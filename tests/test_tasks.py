@@ -104,7 +104,7 @@ def test_data_check_knows_the_task_files(tmp_path):
     assert "XNLI-1.0 release, 1 pairs in 1 languages" in data.check_file(tmp_path / "xnli.dev.tsv")
     write(tmp_path / "s.tsv", ["\t".join(tasks.STORY_HEADER), "x\ta\tb\tc\td\te\tf\t2"])
     assert "XStoryCloze TSV, 1 stories" in data.check_file(tmp_path / "s.tsv")
-    assert data.main(["check", str(write(tmp_path / "val.et.jsonl", ['{"premise": "a", "choice1": 1}']))]) == 1
+    assert data.main(["check", str(write(tmp_path / "val.et.jsonl", ['{"premise": "a", "choice1": 1}']))]) == 2
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the repository")

@@ -340,3 +340,41 @@ def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_p
         want = 1e-4 * train.lr_factor(step - 1, 12, int(warmup), cfg.min_lr_ratio)
         assert logged[step] == pytest.approx(want, rel=1e-9)
     assert read_json(tmp_path / "base.last/config.json")["train"]["pretrain_lr"] == 1e-4   # config.json agrees
+
+
+def test_a_crashed_save_is_recovered_and_its_leftovers_removed(world, tmp_path):
+    """A crash between save_checkpoint's two renames leaves base.old-PID and no base (best or last alike), and a
+    half-written base.tmp-PID: the next run puts both checkpoints back and removes the leftovers."""
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    with pytest.raises(train.Interrupted):
+        train.main([*args, "--debug-interrupt-at-step", "5"])
+    for name in ("base", "base.last"):
+        (tmp_path / name).rename(tmp_path / f"{name}.old-4242")
+        (tmp_path / f"{name}.tmp-4243").mkdir()
+    best = digest(tmp_path / "base.old-4242")
+    with pytest.raises(train.Interrupted):
+        train.main([*args, "--resume", "--debug-interrupt-at-step", "6"])
+    assert read_json(tmp_path / "base.last/config.json")["step"] == 6          # resumed from the recovered step 5
+    assert digest(tmp_path / "base") == best                                   # no dev evaluation since
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("base")) == ["base", "base.last"]
+
+
+CLI_BAD_INPUTS = [
+    (["train.py", "--stage", "align", "--init", "/no/such/ckpt", "--out", "{out}"], "not a checkpoint directory"),
+    (["train.py", "--preset", "tiny", "--text", "{bom}", "--out", "{out}"], "byte-order mark"),
+    (["train.py", "--align-lr", "-1", "--out", "{out}"], "learning rate must be positive"),
+    (["eval.py", "/no/such/ckpt"], "not a checkpoint directory"),
+    (["data.py", "check", "{bom}"], "byte-order mark"),
+    (["data.py", "check", "/no/such.tsv"], "no such file"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLI_BAD_INPUTS)
+def test_cli_bad_inputs_exit_2_with_one_line_and_no_traceback(argv, message, tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfthe cat sat.\n\nthe dog ran.\n")
+    argv = [str(ROOT / argv[0])] + [a.replace("{bom}", str(bom)).replace("{out}", str(tmp_path / "o"))
+                                    for a in argv[1:]]
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1 and message in lines[0], r.stderr
