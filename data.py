@@ -767,6 +767,8 @@ def _afp_row(line):
     k = _int(obj, "clm_prompt_len")
     if not 0 <= k <= len(text):
         raise ValueError(f"clm_prompt_len {k} is past the end of clm_text ({len(text)} characters)")
+    if not text[k:].strip():
+        raise ValueError(f"the response (clm_text after clm_prompt_len {k}) is empty: nothing to learn")
     return AlignExample(_field(obj, "sent0"), _field(obj, "sent1"), text, k)
 
 

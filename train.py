@@ -838,6 +838,7 @@ def align(cfg, env, world_dir, inputs):
     args = dict(tokenizer=tokenizer, batch_size=cfg.align_batch_size, max_len=cfg.max_len, seed=cfg.seed,
                 rank=env.rank, world_size=env.world_size, pair_batch_size=cfg.align_pair_batch_size)
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
+    report_long_and_duplicate_rows(env, train_ex, train_data, cfg.max_len)
     if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
         files, world = replay_source(cfg)
         texts = inputs.text or pretrain_texts(replace(cfg, text=files), world)
@@ -868,6 +869,19 @@ def align(cfg, env, world_dir, inputs):
                  "pretraining tokens", alignment_tokens=tokens, pretrain_tokens=pre_tokens,
             alignment_share=tokens / pre_tokens)
     return best, tokens
+
+
+def report_long_and_duplicate_rows(env, examples, align_data, max_len):
+    """Say how many alignment rows --max-len cuts and how many pairs repeat: nothing is dropped unsaid."""
+    n_bos = len(align_data.tokenizer.start)
+    long_pairs = sum(max(len(x), len(y)) + n_bos + 1 > max_len for x, y, _, _ in align_data.tokens)
+    long_rows = sum(len(p) + len(r) + n_bos + 1 > max_len for _, _, p, r in align_data.tokens)
+    repeats = len(examples) - len({(e.sent0, e.sent1) for e in examples})
+    if long_pairs or long_rows or repeats:
+        log(env, f"align: of {len(examples):,} training examples, {long_pairs} pairs and {long_rows} instruction rows "
+                 f"are longer than --max-len {max_len} and are cut (a sentence loses its end, a prompt its start, a "
+                 f"response its end), and {repeats} pairs repeat an earlier one (kept; never each other's negatives)",
+            long_pairs=long_pairs, long_instruction_rows=long_rows, repeated_pairs=repeats)
 
 
 def report(cfg, env, world_dir):

@@ -475,3 +475,11 @@ def test_collate_without_bos_follows_the_tokenizer(tok):
     labels = batch["instr_labels"]
     assert labels[0][labels[0] != -100].tolist() == ids[1] + [7]
     assert batch["instr_mask"][1].sum() == 16 and (labels[1] != -100).sum() == 15   # one prompt token stays
+
+
+def test_an_empty_response_is_refused(tmp_path):
+    row = dict(sent0="a.", sent1="b.", clm_text="Q? Answer in English:  ", clm_prompt_len=len("Q? Answer in English:"))
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:1: the response .* is empty"):
+        data.read_afp_jsonl(path)

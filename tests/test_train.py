@@ -378,3 +378,22 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_no_traceback(argv, message, tmp
     r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cut_and_repeated_alignment_rows_are_reported(run_dir, tmp_path, capsys):
+    pairs = tmp_path / "en-de.tsv"
+    long = "word " * 80
+    pairs.write_text("".join(f"the cat {i}.\tdie Katze {i}.\n" for i in range(30)) + "the cat 0.\tdie Katze 0.\n" * 4
+                     + f"{long}\tkurz.\n" * 3)
+    argv = [*TINY, "--stage", "align", "--init", str(run_dir / "base"), "--pairs", str(pairs), "--steps", "1",
+            "--out", str(tmp_path / "o")]
+    train_ex, _ = train.align_examples(train.parse_config(argv), None)
+    want_long = sum(e.sent0 == long for e in train_ex)
+    want_repeats = len(train_ex) - len({(e.sent0, e.sent1) for e in train_ex})
+    assert want_long and want_repeats                            # the split keeps some of each in training
+    train.main(argv)
+    rep = next(json.loads(line) for line in (tmp_path / "o/log.jsonl").read_text().splitlines()
+               if "repeated_pairs" in line)
+    assert (rep["long_pairs"], rep["long_instruction_rows"], rep["repeated_pairs"]) == (want_long, want_long,
+                                                                                         want_repeats)
+    assert f"{want_long} pairs and {want_long} instruction rows are longer than --max-len 64" in capsys.readouterr().out
