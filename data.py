@@ -1068,6 +1068,9 @@ def check_file(path) -> str:
     if summary:
         return summary
     if p.suffix == ".txt":
+        head = p.read_bytes().lstrip()[:1]
+        if head in (b"{", b"["):                 # judged by content: JSON named .txt would train as prose
+            raise ValueError(f"{p}:1: this is JSON, not plain text (name it .json or .jsonl for its own checks)")
         docs = read_text(p)
         return f"{p}: plain text, {len(docs)} documents, {sum(len(d.split()) for d in docs)} words"
     if p.suffix == ".tsv":

@@ -483,3 +483,9 @@ def test_an_empty_response_is_refused(tmp_path):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"r.jsonl:1: the response .* is empty"):
         data.read_afp_jsonl(path)
+
+
+def test_check_judges_by_content(tmp_path, capsys):
+    path = tmp_path / "rows.txt"
+    path.write_text('{"sent0": "a", "sent1": "b"}\n')
+    assert data.main(["check", str(path)]) == 2 and "this is JSON, not plain text" in capsys.readouterr().err
