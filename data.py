@@ -1068,8 +1068,12 @@ def check_file(path) -> str:
     if summary:
         return summary
     if p.suffix == ".txt":
-        head = p.read_bytes().lstrip()[:1]
-        if head in (b"{", b"["):                 # judged by content: JSON named .txt would train as prose
+        first = p.read_bytes().lstrip().split(b"\n", 1)[0]
+        try:                                     # judged by content: JSON named .txt would train as prose
+            is_json = isinstance(json.loads(first), (dict, list))
+        except ValueError:
+            is_json = False
+        if is_json:
             raise ValueError(f"{p}:1: this is JSON, not plain text (name it .json or .jsonl for its own checks)")
         docs = read_text(p)
         return f"{p}: plain text, {len(docs)} documents, {sum(len(d.split()) for d in docs)} words"

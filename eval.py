@@ -382,9 +382,6 @@ def mc_eval(model, tokenizer, task_dirs, cfg):
         langs, load, has = task_source(name, task_dir)
         if not langs:
             raise FileNotFoundError(f"task {name!r}: no files of its layout in {task_dir} (see tasks.py)")
-        # the shared PAWS-X and XCOPA have only dev: then the queries come from dev too, and skip themselves
-        # as demos
-        split = cfg.split if has(langs[0], cfg.split) else "dev"
         for setting in cfg.settings:
             if setting == "cross" and "en" not in langs:
                 print(f"eval.py: {name}: no English data in {task_dir}, so no cross-lingual setting (English demos)",
@@ -392,6 +389,9 @@ def mc_eval(model, tokenizer, task_dirs, cfg):
                 continue
             for lang in langs if setting == "in" else [l for l in langs if l != "en"]:
                 prompt_lang = lang if setting == "in" else "en"
+                # a language with only a dev split (the shared PAWS-X and XCOPA) takes its queries from dev
+                # too; they skip themselves as demos
+                split = cfg.split if has(lang, cfg.split) else "dev"
                 items = load(lang, split, prompt_lang)
                 idx, items = sample_items(items, cfg.max_items, cfg.seed)
                 facts = Path(task_dir) / f"{lang}.{split}.jsonl"     # knowledge: the facts stated only in English

@@ -91,6 +91,7 @@ def languages(task, root):
         found = {r.split("\t", 1)[0] for r in (root / "dataset.tsv").read_text("utf-8").splitlines() if r.strip()}
     else:
         found = {_lang_of(task, p) for p in root.rglob("*") if p.is_file()} - {None}
+        found = {lang for lang in found if task_file(task, root, lang, "dev") or task_file(task, root, lang, "test")}
     return sorted(found, key=lambda c: (c != "en", c))
 
 
@@ -262,7 +263,7 @@ def read_xwinograd_tsv(path):
 def check(path):
     """A one-line summary of a task file (data.py check), or None when the file is none of these layouts."""
     p = Path(path)
-    first = p.read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace")
+    first = p.read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r")
     if p.name == "dataset.tsv" and first.count("\t") == 6:
         rows = read_xwinograd_tsv(p)
         return f"{p}: XWinograd dataset.tsv, {len(rows)} schemas in {len({l for l, _ in rows})} languages"

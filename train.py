@@ -253,8 +253,25 @@ def check_config(cfg):
 
 
 # flags that change no result, which --resume accepts changed (with the stage's learning rate)
-RESUME_FREE = {"stage", "preset", "resume", "device", "compile", "eval", "grad_checkpointing", "log_every",
+RESUME_FREE = {"stage", "preset", "resume", "out", "device", "compile", "eval", "grad_checkpointing", "log_every",
                "eval_every", "eval_batches", "debug_nan_at_step", "debug_interrupt_at_step"}
+# flags of the other stage only, besides its --pretrain-* / --align-* ones: free while this stage resumes
+STAGE_ONLY = {"pretrain": {"arch", "n_layer", "n_head", "d_model", "dropout", "vocab_size"},
+              "align": {"init", "pairs", "afp_jsonl", "bactrian", "cross_probability", "max_len", "temperature",
+                        "pooling", "layer", "cl_weight", "clm_weight", "symmetric", "replay_weight",
+                        "replay_batch_size"}}
+
+
+def same_setting(key, saved, now, out):
+    """Whether a flag's saved value and its value now mean the same: paths compare resolved, lists as tuples,
+    --init "" as the OUT/base it stands for."""
+    if key == "init":
+        saved, now = (Path(v or Path(out) / "base").resolve() for v in (saved, now))
+    elif key in ("text", "pairs", "afp_jsonl", "data_dir"):
+        norm = lambda v: tuple(str(Path(p).resolve()) for p in v) if isinstance(v, (list, tuple)) else \
+            (str(Path(v).resolve()) if v else v)
+        saved, now = norm(saved), norm(now)
+    return (tuple(saved) if isinstance(saved, list) else saved) == (tuple(now) if isinstance(now, list) else now)
 
 
 def check_resume(cfg):
@@ -263,18 +280,23 @@ def check_resume(cfg):
     change is refused here, before any work, rather than silently ignored."""
     stages = ("pretrain", "align") if cfg.stage == "all" else (cfg.stage,)
     for stage in stages:
-        path = Path(cfg.out) / f"{STAGE_DIR[stage]}.last" / "config.json"
-        if not path.is_file():
+        last = Path(cfg.out) / f"{STAGE_DIR[stage]}.last"
+        # after a crash between a save's two renames the checkpoint sits at .last.old-PID (recovered later)
+        path = next((d / "config.json" for d in [last, *sorted(last.parent.glob(f"{last.name}.old-*"))]
+                     if (d / "config.json").is_file()), None)
+        if path is None:
             continue
         saved = json.loads(path.read_text()).get("train", {})
-        other = {"pretrain": "align_", "align": "pretrain_"}[stage]     # the other stage's flags may differ
+        other = {"pretrain": "align", "align": "pretrain"}[stage]     # the other stage's flags may differ
         for k, v in asdict(cfg).items():
-            if k in RESUME_FREE or k == f"{stage}_lr" or k.startswith(other) or k not in saved:
+            if k in RESUME_FREE or k == f"{stage}_lr" or k.startswith(other + "_") or k in STAGE_ONLY[other] \
+                    or k not in saved or same_setting(k, saved[k], v, cfg.out):
                 continue
-            if (list(v) if isinstance(v, tuple) else v) != saved[k]:
-                raise ConfigError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} when {path.parent} was saved, "
-                                  f"now {v!r}; a run resumes with the flags it started with (only --{stage}-lr and "
-                                  f"{', '.join('--' + f.replace('_', '-') for f in sorted(RESUME_FREE))} may change)")
+            preset = f" (the preset was {saved.get('preset')!r}, now {cfg.preset!r})" \
+                if saved.get("preset", cfg.preset) != cfg.preset else ""
+            raise ConfigError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} when {last} was saved, now "
+                              f"{v!r}{preset}; a run resumes with the flags it started with (only --{stage}-lr and "
+                              f"{', '.join('--' + f.replace('_', '-') for f in sorted(RESUME_FREE))} may change)")
 
 
 def check_layer(cfg, n_layer):
@@ -693,8 +715,9 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
         try:  # tensors, numbers, strings, lists and dicts only: a pickled object is refused, never run
             state = torch.load(last_dir / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several kinds for a truncated or foreign file
-            raise ConfigError(f"--resume: {last_dir / 'state.pt'} is not a state file of this project "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ConfigError(f"--resume: {last_dir / 'state.pt'} does not load safely (weights_only): not a state "
+                              "file of this project, or one written before xalign stored its random state as tensors "
+                              f"and lists, which cannot be resumed: start the stage again ({type(e).__name__})") from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

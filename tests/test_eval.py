@@ -346,7 +346,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
         shutil.copytree(tiny_run / "base", d)
         shutil.copy(tiny_run / "tokenizer.json", d / "tokenizer.json")
         edit(d)
-        cases[name] = ([str(d), "--tasks", f"pawsx={tiny_run / 'data/tasks/pawsx'}"], f"{name}")
+        cases[name] = ([str(d), "--tasks", f"pawsx={tiny_run / 'data/tasks/pawsx'}"],
+                       {"config": "config.json: not a model config", "truncated": "model.pt: does not load",
+                        "tokenizer": "it is not this model's tokenizer"}[name])
     bad_task = tmp_path / "badtask"
     bad_task.mkdir()
     (bad_task / "en.dev.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\n")

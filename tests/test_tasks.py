@@ -104,7 +104,16 @@ def test_data_check_knows_the_task_files(tmp_path):
     assert "XNLI-1.0 release, 1 pairs in 1 languages" in data.check_file(tmp_path / "xnli.dev.tsv")
     write(tmp_path / "s.tsv", ["\t".join(tasks.STORY_HEADER), "x\ta\tb\tc\td\te\tf\t2"])
     assert "XStoryCloze TSV, 1 stories" in data.check_file(tmp_path / "s.tsv")
-    assert data.main(["check", str(write(tmp_path / "val.et.jsonl", ['{"premise": "a", "choice1": 1}']))]) == 2
+    good = dict(premise="a", choice1="b", choice2="c", question="cause", label=0, idx=0)
+    assert "(X)COPA JSON lines, 1 items" in data.check_file(write(tmp_path / "val.en.jsonl", [json.dumps(good)]))
+    bad = write(tmp_path / "val.et.jsonl", [json.dumps(dict(good, choice1=1))])
+    with pytest.raises(ValueError, match=r"val.et.jsonl:1: field 'choice1' must be a string"):
+        data.check_file(bad)
+    wino = write(tmp_path / "ru.jsonl", [json.dumps(dict(sentence="a _ b", option1="x", option2="y", answer=2))])
+    assert "XWinograd JSON lines, 1 schemas" in data.check_file(wino)
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(("\t".join(tasks.STORY_HEADER) + "\r\nx\ta\tb\tc\td\te\tf\t1\r\n").encode())
+    assert "XStoryCloze TSV, 1 stories" in data.check_file(crlf)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the repository")
@@ -144,7 +153,7 @@ def test_templates_give_the_documented_strings():
         tasks.copa_item(COPA, "xx")
 
 
-def test_the_paper_tasks_run_in_eval(tmp_path):
+def test_the_paper_tasks_run_in_eval(tmp_path, capsys):
     """eval.py runs each task by name, both settings, demos from dev (XWinograd: from its other items);
     without English data there is no cross-lingual setting, and the console says so."""
     import torch
@@ -158,15 +167,22 @@ def test_the_paper_tasks_run_in_eval(tmp_path):
     write(tmp_path / "xwinograd/en.jsonl", [json.dumps(dict(sentence=f"The cup {i} fell on _ floor.", option1="the",
                                                             option2="a", answer=1)) for i in range(5)])
     write(tmp_path / "xnli/en.dev.tsv", [f"A man {i} sleeps.\tHe dreams.\tneutral" for i in range(4)])
+    story = "\t".join(["s", "Tom ate.", "He was full.", "He slept.", "He woke.", "He ran.", "He flew.", "1"])
+    for split in ("train", "eval"):                                    # Russian only: no English demos
+        write(tmp_path / f"xstorycloze/spring2016.val.ru.tsv_split_20_80_{split}.tsv",
+              ["\t".join(tasks.STORY_HEADER)] + [story.replace("s", f"s{i}", 1) for i in range(3)])
     texts = ["the man turned on the faucet", "the cup fell on the floor", "Premise Hypothesis Answer entailment"]
     tok = data.train_tokenizer(texts * 20, vocab_size=300)
     torch.manual_seed(0)
     model = Decoder(ModelConfig(vocab_size=tok.get_vocab_size(), max_seq_len=160, n_layer=1, n_head=2, d_model=16))
-    cfg = ev.EvalConfig(tasks=[f"{t}={tmp_path / t}" for t in ("xcopa", "xwinograd", "xnli")], shots=(0, 2),
+    cfg = ev.EvalConfig(tasks=[f"{t}={tmp_path / t}" for t in ("xcopa", "xwinograd", "xnli", "xstorycloze")],
+                        shots=(0, 2),
                         max_items=6, progress=False)
     mc = ev.evaluate_model(model.eval(), tok, None, cfg)["mc"]
     assert set(mc["xcopa"]) == {"in_0shot", "in_2shot", "cross_0shot", "cross_2shot"}
     assert mc["xcopa"]["cross_2shot"]["it"]["n"] == 6 and "en" not in mc["xcopa"]["cross_2shot"]
     assert mc["xwinograd"]["in_2shot"]["en"]["n"] == 5 and set(mc["xwinograd"]) == {"in_0shot", "in_2shot"}
+    assert set(mc["xstorycloze"]) == {"in_0shot", "in_2shot"} and mc["xstorycloze"]["in_2shot"]["ru"]["n"] == 3
+    assert "xstorycloze: no English data" in capsys.readouterr().err
     r = mc["xnli"]["in_2shot"]["en"]
     assert r["n"] == 4 and abs(r["acc_se"] - (r["acc"] * (1 - r["acc"]) / 4) ** 0.5) < 1e-12

@@ -159,7 +159,7 @@ def test_resume_never_runs_code_from_state_pt(world, tmp_path):
     torch.load(state, weights_only=True)                               # what we write loads safely
     marker = tmp_path / "ran"
     torch.save(dict(torch.load(state, weights_only=True), payload=Payload(str(marker))), state)
-    with pytest.raises(train.ConfigError, match="state.pt is not a state file"):
+    with pytest.raises(train.ConfigError, match="state.pt does not load safely"):
         train.main([*args, "--resume"])
     assert not marker.exists()
 
@@ -331,6 +331,11 @@ def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_p
         train.main([*args, "--debug-interrupt-at-step", "5"])
     with pytest.raises(train.ConfigError, match=r"--pretrain-batch-size was 8 when .*base.last was saved, now 4"):
         train.main([*args, "--resume", "--batch-size", "4"])
+    with pytest.raises(train.ConfigError, match=r"--world-words was 20000 .* now 1500000 \(the preset was 'tiny'"):
+        train.main([*args[2:], "--resume"])                                       # the preset dropped
+    moved = [*args[:-1], str(tmp_path) + "/", "--log-every", "2", "--temperature", "0.1"]  # the same run, and an
+                                                                                           # align flag: free here
+    train.check_resume(train.parse_config([*moved, "--resume"]))
     train.main([*args, "--resume", "--lr", "1e-4"])
     cfg = train.parse_config(args)
     warmup = -(-cfg.warmup_ratio * 12 // 1)
