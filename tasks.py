@@ -219,18 +219,18 @@ def read_winograd_jsonl(path):
 PTB = {"``": '"', "''": '"', "`": "'", "-LRB-": "(", "-RRB-": ")"}   # the tokens' quotes and brackets
 
 
-def _char_starts(sentence, tokens):
-    """Where each token starts in the sentence: the tokens are its substrings, in order (quotes and brackets
+def _char_spans(sentence, tokens):
+    """(start, end) of each token in the sentence: the tokens are its substrings, in order (quotes and brackets
     written as the Penn Treebank writes them)."""
-    starts, pos = [], 0
+    spans, pos = [], 0
     for tok in tokens:
         tok = PTB.get(tok, tok)
         at = sentence.find(tok, pos)
         if at < 0:
             raise ValueError(f"token {tok!r} is not in the sentence after character {pos}")
-        starts.append(at)
         pos = at + len(tok)
-    return starts
+        spans.append((at, pos))
+    return spans
 
 
 def read_xwinograd_tsv(path):
@@ -254,8 +254,8 @@ def read_xwinograd_tsv(path):
                              "(JSON)") from None
         if len(texts) < 2 or correct.count(True) != 1:
             raise ValueError(f"expected 2 or more candidates with exactly one correct, got {correct}")
-        starts = _char_starts(sentence, tokens)
-        start, end = starts[p_start], starts[p_end - 1] + len(PTB.get(tokens[p_end - 1], tokens[p_end - 1]))
+        spans = _char_spans(sentence, tokens)
+        start, end = spans[p_start][0], spans[p_end - 1][1]
         return lang, WinogradRow(sentence[:start], texts, sentence[end:], correct.index(True))
     return [(lang, replace(row, id=str(i))) for i, (lang, row) in enumerate(data._read_lines(path, parse))]
 

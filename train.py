@@ -695,7 +695,8 @@ def train_stage(stage, cfg, env, model, tokenizer, loss_fn, train_data, dev_data
     out = Path(cfg.out)
     best_dir, last_dir = out / STAGE_DIR[stage], out / f"{STAGE_DIR[stage]}.last"
     if env.master:                                      # a crash may have left either half swapped
-        recover_checkpoint(best_dir), recover_checkpoint(last_dir)
+        recover_checkpoint(best_dir)
+        recover_checkpoint(last_dir)
     barrier(env)
     steps = hp["steps"]
     eval_every = cfg.eval_every or max(1, steps // 5)
