@@ -127,7 +127,7 @@ def authors_afp_loss(model, batch, cfg=xalign.AFPConfig()):
     z = xalign.pool(out.hidden_states[cfg.layer], batch["pair_mask"], cfg.pooling)
     contrastive = xalign.info_nce(z[:B], z[B:], cfg.temperature, groups=batch["pair_groups"])
     instruction = xalign.clm_loss(model(batch["instr_ids"], batch["instr_mask"]).logits, batch["instr_labels"])
-    return cfg.cl_weight * contrastive + cfg.clm_weight * instruction
+    return cfg.contrastive_weight * contrastive + cfg.instruction_weight * instruction
 
 
 def loss_and_grads(model, loss_fn, batch):
@@ -295,7 +295,7 @@ def transformers_afp_loss(model, batch, cfg=xalign.AFPConfig()):
     z = xalign.pool(out.hidden_states[cfg.layer], batch["pair_mask"], cfg.pooling)
     contrastive = xalign.info_nce(z[:B], z[B:], cfg.temperature, groups=batch["pair_groups"])
     logits = model(batch["instr_ids"], attention_mask=batch["instr_mask"]).logits
-    return cfg.cl_weight * contrastive + cfg.clm_weight * xalign.clm_loss(logits, batch["instr_labels"])
+    return cfg.contrastive_weight * contrastive + cfg.instruction_weight * xalign.clm_loss(logits, batch["instr_labels"])
 
 
 def real_child(mode, device_name, repeats):

@@ -251,7 +251,7 @@ def few_shot_accuracy(model, tokenizer, items, demos, k, seed, item_index=None, 
     for n, item in enumerate(items):
         shots = pick_demos(demos, k, seed, item, None if item_index is None else item_index[n]) if k else []
         while True:
-            context = "".join(data.demo_text(d) + separator for d in shots) + item.prefix
+            context = "".join(tasks.demo_text(d) + separator for d in shots) + item.prefix
             longest = max(map(len, data.encode(tokenizer, [context + c for c in item.choices])))
             if not shots or len(tokenizer.start) + longest <= model.cfg.max_seq_len:
                 break
@@ -370,7 +370,7 @@ def task_source(name, task_dir):
     if name in tasks.TASKS:
         return (tasks.languages(name, task_dir), partial(tasks.load_items, name, task_dir),
                 lambda lang, split: name != "xwinograd" and tasks.task_file(name, task_dir, lang, split) is not None)
-    return (data.task_languages(task_dir), partial(data.load_mc_task, task_dir),
+    return (tasks.task_languages(task_dir), partial(tasks.load_mc_task, task_dir),
             lambda lang, split: (Path(task_dir) / f"{lang}.{split}.tsv").exists()
             or (Path(task_dir) / f"{lang}.{split}.jsonl").exists())
 
@@ -395,7 +395,7 @@ def mc_eval(model, tokenizer, task_dirs, cfg):
                 items = load(lang, split, prompt_lang)
                 idx, items = sample_items(items, cfg.max_items, cfg.seed)
                 facts = Path(task_dir) / f"{lang}.{split}.jsonl"     # knowledge: the facts stated only in English
-                facts = data.read_knowledge_jsonl(facts) if facts.exists() else []
+                facts = tasks.read_knowledge_jsonl(facts) if facts.exists() else []
                 en_only = {r["id"]: r.get("en_only") for r in facts}
                 for k in cfg.shots:
                     if k and (name, prompt_lang) not in pools:

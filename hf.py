@@ -352,7 +352,7 @@ def load_hf_model(ckpt_dir, device="cpu", dtype=torch.float32):
 
 def with_bos(tokenizer):
     """tokenizer.tokenizer, with a post-processor that puts tokenizer.bos before the text where it has none:
-    a Hugging Face tokenizer adds the BOS itself, and data.hf_specials reads it back from there."""
+    a Hugging Face tokenizer adds the BOS itself, and special_ids reads it back from there."""
     tok = tokenizer.tokenizer
     if tokenizer.bos is None or tok.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos]:
         return tok
@@ -396,3 +396,30 @@ def save_hf(model, tokenizer, out_dir, base=None):
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def special_ids(tok, config, ckpt_dir):
+    """The special ids of a Hugging Face checkpoint, as its own files say:
+    bos: the token its tokenizer's post-processor puts before the text (XGLM "</s>", Llama 3
+         "<|begin_of_text|>"), or None where it puts none (GPT-2, BLOOM, Qwen2);
+    eos: config.json's eos_token_id (the first of a list), else tokenizer_config.json's eos_token;
+    pad: config.json's pad_token_id, else tokenizer_config.json's pad_token, else eos (always masked)."""
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    added = next((full[:i] for i in range(len(full)) if full[i:i + len(plain)] == plain), [])   # before the text
+    extra = {}
+    if (Path(ckpt_dir) / "tokenizer_config.json").is_file():
+        extra = json.loads((Path(ckpt_dir) / "tokenizer_config.json").read_text())
+
+    def token_id(key):
+        v = config.get(f"{key}_token_id")
+        v = v[0] if isinstance(v, list) and v else v
+        if v is None and extra.get(f"{key}_token"):
+            t = extra[f"{key}_token"]
+            v = tok.token_to_id(t["content"] if isinstance(t, dict) else t)
+        return v
+    eos = token_id("eos")
+    if eos is None:
+        raise ValueError(f"{Path(ckpt_dir) / 'config.json'}: no eos_token_id (nor an eos_token in "
+                         "tokenizer_config.json): the end of a sentence cannot be marked")
+    pad = token_id("pad")
+    return dict(bos=added[-1] if added else None, eos=eos, pad=eos if pad is None else pad)

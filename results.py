@@ -17,8 +17,9 @@ from pathlib import Path
 
 TASKS = ("knowledge", "pawsx")
 SKIP_FLAGS = {"out", "init", "stage", "seed", "data_dir", "eval", "resume", "device", "compile",
-              "debug_nan_at_step", "debug_interrupt_at_step"}   # where and how a run ran, not how it was aligned
+              "grad_checkpointing"}   # where and how a run ran, not how it was aligned
 BEFORE_THE_FLAG = {"replay_weight": 0.0}  # runs saved before --replay-weight existed trained without replay
+RENAMED = {"cl_weight": "contrastive_weight", "clm_weight": "instruction_weight"}  # in runs saved before the rename
 
 
 def load_run(run_dir):
@@ -88,9 +89,9 @@ def seeds_table(run_dirs):
 
 def changed_flags(cfg):
     """The training flags of cfg that differ from train.py's defaults, as a command line would give them."""
-    import train  # the defaults live there; imported here so that the seeds table needs no torch
-    flags, cfg = [], {**BEFORE_THE_FLAG, **cfg}
-    for f in fields(train.TrainConfig):
+    import config  # the defaults live there; imported here so that the seeds table needs no torch
+    flags, cfg = [], {**BEFORE_THE_FLAG, **{RENAMED.get(k, k): v for k, v in cfg.items()}}
+    for f in fields(config.TrainConfig):
         default = list(f.default) if isinstance(f.default, tuple) else f.default    # JSON has lists
         if f.name not in SKIP_FLAGS and f.name in cfg and cfg[f.name] != default:
             name, value = f"--{f.name.replace('_', '-')}", cfg[f.name]

@@ -7,7 +7,7 @@ the languages present. Split "dev" is where few-shot demos come from, "test" the
   xnli         xnli.{dev,test}.tsv of the XNLI-1.0 release (a header naming language,  NLIRow
                gold_label, sentence1, sentence2, pairID, ...), or {lang}.{split}.tsv
                in the authors' form: premise TAB hypothesis TAB label
-  pawsx        {lang}.{split}.tsv, or the original x-final/{lang}/{dev_2k,test_2k}.tsv  data.PawsExample
+  pawsx        {lang}.{split}.tsv, or the original x-final/{lang}/{dev_2k,test_2k}.tsv  PawsExample
   xcopa        {lang}/{val,test}.{lang}.jsonl (val = dev), English = COPA in that form COPARow
   xstorycloze  spring2016.val.{lang}.tsv_split_20_80_{train,eval}.tsv                  StoryRow
                (train = dev, eval = test)
@@ -18,6 +18,7 @@ Every reader checks every row and raises ValueError("FILE:LINE: reason") at the 
 """
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,8 +26,24 @@ import data
 
 TASKS = ("xnli", "pawsx", "xcopa", "xstorycloze", "xwinograd")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
+PAWSX_HEADER = ["id", "sentence1", "sentence2", "label"]
 STORY_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
                 "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# what every task becomes: multiple-choice items, scored by the log-likelihood of each choice
+
+@dataclass
+class MCItem:
+    prefix: str          # everything before the scored part (no demos)
+    choices: list        # continuations; the scored text is prefix + choices[k]
+    label: int           # index of the right choice; as a demonstration the item reads prefix + choices[label]
+    id: str = ""
+
+
+def demo_text(item):
+    return item.prefix + item.choices[item.label]
 
 
 @dataclass
@@ -35,6 +52,14 @@ class NLIRow:
     hypothesis: str
     label: int           # 0 entailment, 1 neutral, 2 contradiction
     id: str = ""
+
+
+@dataclass
+class PawsExample:
+    id: str
+    sentence1: str
+    sentence2: str
+    label: int           # 1 = paraphrase
 
 
 @dataclass
@@ -112,14 +137,14 @@ def _lang_of(task, path):
 
 
 def read(task, root, lang, split):
-    """The rows of (lang, split): NLIRow, data.PawsExample, COPARow, StoryRow or WinogradRow."""
+    """The rows of (lang, split): NLIRow, PawsExample, COPARow, StoryRow or WinogradRow."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the paper's tasks are {', '.join(TASKS)}")
     path = task_file(task, root, lang, split)
     if path is None:
         raise FileNotFoundError(f"{task}: no {split} file for language {lang!r} under {root} (see tasks.py)")
     if task == "pawsx":
-        return data.read_pawsx_tsv(path)
+        return read_pawsx_tsv(path)
     if path.name.startswith("xnli."):
         return [row for row_lang, row in read_xnli_release(path) if row_lang == lang]
     if path.name == "dataset.tsv":
@@ -260,6 +285,37 @@ def read_xwinograd_tsv(path):
     return [(lang, replace(row, id=str(i))) for i, (lang, row) in enumerate(data._read_lines(path, parse))]
 
 
+def read_pawsx_tsv(path, skip_bad=False) -> list:
+    """PAWS-X TSV with the header id, sentence1, sentence2, label (1 = paraphrase)."""
+    data._no_bom(path)
+    head = Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r")
+    if head.split("\t") != PAWSX_HEADER:
+        raise ValueError(f"{path}:1: expected the header {' '.join(PAWSX_HEADER)} (tab-separated)")
+
+    def parse(line):
+        i, s1, s2, y = data._columns(line, 4)
+        if y not in ("0", "1"):
+            raise ValueError(f"label must be 0 or 1, got {y!r}")
+        return PawsExample(i, s1, s2, int(y))
+    return data._read_lines(path, parse, skip_bad, first=2)
+
+
+def _knowledge_row(line):
+    obj = data._json_object(line)
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError("field 'choices' must be a list of at least 2 non-empty strings")
+    label = data._int(obj, "label")
+    if not 0 <= label < len(choices):
+        raise ValueError(f"label {label} is out of range for {len(choices)} choices")
+    return dict(obj, id=data._id(obj), question=data._field(obj, "question"))
+
+
+def read_knowledge_jsonl(path, skip_bad=False) -> list:
+    """Knowledge questions {"id","question","choices","label"} (other fields are kept)."""
+    return data._read_lines(path, _knowledge_row, skip_bad)
+
+
 def check(path):
     """A one-line summary of a task file (data.py check), or None when the file is none of these layouts."""
     p = Path(path)
@@ -280,10 +336,33 @@ def check(path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# prompts: rows -> data.MCItem (prefix, choices, label), the template and its words in template_lang
+# prompts: rows -> MCItem (prefix, choices, label), the template and its words in template_lang
 #
 # Template words for every language of each task. The authors wrote words for en, zh and ar only (zh as
 # theirs; the rest are ours, best effort, and welcome corrections from speakers of the languages).
+
+# PAWS-X (the authors' words; the toy languages' words come from the templates.json beside their files)
+TEMPLATE_WORDS = {
+    "en": dict(right="right?", yes="Yes", no="No", question="Question", answer="Answer"),
+    "de": dict(right="richtig?", yes="Ja", no="Nein", question="Frage", answer="Antwort"),
+    "es": dict(right="¿verdad?", yes="Sí", no="No", question="Pregunta", answer="Respuesta"),
+    "fr": dict(right="n'est-ce pas?", yes="Oui", no="Non", question="Question", answer="Réponse"),
+    "ja": dict(right="ですよね?", yes="はい", no="いいえ", question="質問", answer="答え"),
+    "ko": dict(right="맞죠?", yes="예", no="아니요", question="질문", answer="답"),
+    "zh": dict(right="对吗?", yes="对", no="不对", question="问题", answer="答案"),
+}
+
+
+def pawsx_item(s1, s2, paws_label, words, id=""):
+    """`{s1}, right? {Yes|No}, {s2}`: choices are [Yes, No], so a paraphrase (PAWS label 1) has label 0."""
+    return MCItem(f"{s1}, {words['right']}", [f" {words['yes']}, {s2}", f" {words['no']}, {s2}"],
+                  0 if paws_label == 1 else 1, id)
+
+
+def knowledge_item(question, choices, label, words, id=""):
+    return MCItem(f"{words['question']}: {question} {words['answer']}:", [f" {c}" for c in choices], label, id)
+
+
 
 COPA_WORDS = {  # cause, effect (the question), because, so (the conjunction), the space between words
     "en": ("Cause", "Effect", "because", "so", " "), "zh": ("起因", "影响", "因为", "所以", ""),
@@ -358,7 +437,7 @@ def copa_item(row, lang):
     question, conjunction = (cause, because) if row.question == "cause" else (effect, so)
     premise = row.premise.rstrip().rstrip(".。!！")
     choices = [space + (c[:1].lower() + c[1:] if space else c) for c in row.choices]
-    return data.MCItem(f"{question}: {premise}{space}{conjunction}", choices, row.label, row.id)
+    return MCItem(f"{question}: {premise}{space}{conjunction}", choices, row.label, row.id)
 
 
 def nli_item(row, lang):
@@ -366,19 +445,19 @@ def nli_item(row, lang):
     task; their code read the next token's A/B/C, which neither their question nor their demos asked for."""
     premise, hypothesis, question_word, question, answer, *labels = _words(NLI_WORDS, "xnli", lang)
     prefix = f"{premise}: {row.premise}\n{hypothesis}: {row.hypothesis}\n{question_word}: {question}\n{answer}:"
-    return data.MCItem(prefix, [f" {w}" for w in labels], row.label, row.id)
+    return MCItem(prefix, [f" {w}" for w in labels], row.label, row.id)
 
 
 def story_item(row, lang):
     """The four sentences, then each ending, joined by a space (none in Chinese and Japanese; the authors
     joined them with none in every language)."""
     space = "" if lang in NO_SPACES else " "
-    return data.MCItem(space.join(row.sentences), [space + e for e in row.endings], row.label, row.id)
+    return MCItem(space.join(row.sentences), [space + e for e in row.endings], row.label, row.id)
 
 
 def winograd_item(row, lang):
     """The sentence with each option in the blank; scored from the option to the end of the sentence."""
-    return data.MCItem(row.before, [o + row.after for o in row.options], row.label, row.id)
+    return MCItem(row.before, [o + row.after for o in row.options], row.label, row.id)
 
 
 def load_items(task, root, lang, split, template_lang=None):
@@ -386,8 +465,46 @@ def load_items(task, root, lang, split, template_lang=None):
     setting passes "en": English template words around target-language content)."""
     rows = read(task, root, lang, split)
     tl = template_lang or lang
-    if task == "pawsx":  # data.TEMPLATE_WORDS, or a templates.json beside the files (the toy world's)
-        words = data._template_words(root, tl, ("right", "yes", "no"))
-        return [data.pawsx_item(r.sentence1, r.sentence2, r.label, words, r.id) for r in rows]
+    if task == "pawsx":  # TEMPLATE_WORDS, or a templates.json beside the files (the toy world's)
+        words = _template_words(root, tl, ("right", "yes", "no"))
+        return [pawsx_item(r.sentence1, r.sentence2, r.label, words, r.id) for r in rows]
     make = {"xnli": nli_item, "xcopa": copa_item, "xstorycloze": story_item, "xwinograd": winograd_item}[task]
     return [make(r, tl) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the toy world's two tasks: {lang}.{split}.tsv (PAWS-style) or .jsonl (knowledge questions) in one directory
+
+def _template_words(task_dir, lang, keys):
+    table, path = dict(TEMPLATE_WORDS), Path(task_dir) / "templates.json"
+    if path.exists():
+        try:
+            table.update(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+    words = table.get(lang)
+    if not isinstance(words, dict) or any(not isinstance(words.get(k), str) for k in keys):
+        raise ValueError(f"{path}: no template words {list(keys)} for language {lang!r}")
+    return words
+
+
+def load_mc_task(task_dir, lang, split, template_lang=None) -> list:
+    """{task_dir}/{lang}.{split}.tsv (PAWS-X) or .jsonl (knowledge) as MCItems; template words from
+    templates.json in task_dir or TEMPLATE_WORDS, in template_lang (default lang: the cross-lingual setting
+    passes "en" for an English template around target-language content)."""
+    tsv, jsonl = Path(task_dir) / f"{lang}.{split}.tsv", Path(task_dir) / f"{lang}.{split}.jsonl"
+    if tsv.exists():
+        words = _template_words(task_dir, template_lang or lang, ("right", "yes", "no"))
+        return [pawsx_item(e.sentence1, e.sentence2, e.label, words, e.id) for e in read_pawsx_tsv(tsv)]
+    if jsonl.exists():
+        words = _template_words(task_dir, template_lang or lang, ("question", "answer"))
+        return [knowledge_item(r["question"], r["choices"], r["label"], words, r["id"])
+                for r in read_knowledge_jsonl(jsonl)]
+    raise FileNotFoundError(f"no task file {tsv.name} or {jsonl.name} in {task_dir}")
+
+
+def task_languages(task_dir) -> list:
+    """Languages with a {lang}.{split}.{tsv|jsonl} file in task_dir, English first, then sorted."""
+    langs = {p.name.split(".")[0] for p in Path(task_dir).iterdir()
+             if re.fullmatch(r"[^.]+\.[^.]+\.(tsv|jsonl)", p.name)}
+    return sorted(langs, key=lambda c: (c != "en", c))

@@ -3,7 +3,7 @@ xalign: the AFP objective ("Align aFter Pre-training", Li, Wang, Zhang, Zong, NA
 
 This file needs torch and nothing else from the project, so it can be copied into another code base as is.
 
-    L = cl_weight * L_MCL + clm_weight * L_CIF                       (paper defaults 1.0 and 1.5)
+    L = contrastive_weight * L_MCL + instruction_weight * L_CIF      (paper defaults 1.0 and 1.5)
 
 L_MCL, multilingual contrastive learning: for a batch of B translation pairs with sentence vectors x_i, y_i
 (the last real token's hidden state after block 1, "last-1"),
@@ -228,8 +228,8 @@ class AFPConfig:
     temperature: float = 0.05   # tau of the contrastive loss
     pooling: str = "last"       # "last" (last real token) or "mean"
     layer: int = 1              # hidden-state index pooled: 0 = embeddings, i = block i, negative counts from the top
-    cl_weight: float = 1.0      # weight of L_MCL
-    clm_weight: float = 1.5     # weight of L_CIF
+    contrastive_weight: float = 1.0   # weight of L_MCL
+    instruction_weight: float = 1.5   # weight of L_CIF
     symmetric: bool = False     # also the y -> x direction
 
 
@@ -240,7 +240,7 @@ class AFPLoss(NamedTuple):
 
 
 def afp_loss(model, batch, cfg=AFPConfig()):
-    """L = cl_weight * L_MCL + clm_weight * L_CIF on one alignment batch.
+    """L = contrastive_weight * L_MCL + instruction_weight * L_CIF on one alignment batch.
 
     batch: pair_ids, pair_mask (2B, Lp): rows 0..B-1 are sentences, rows B..2B-1 their translations;
            pair_groups (B,) optional duplicate ids; instr_ids, instr_mask, instr_labels (N, Li).
@@ -262,14 +262,14 @@ def afp_loss(model, batch, cfg=AFPConfig()):
         raise ValueError(f"afp_loss: pair_ids has {pair_ids.shape[0]} rows; expected 2B (sentences, then translations)")
     B = pair_ids.shape[0] // 2
 
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.cl_weight != 0):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.contrastive_weight != 0):
         out = model(pair_ids, pair_mask, output_hidden_states=True, n_layers=layer, compute_logits=False)
         z = pool(out.hidden_states[layer], pair_mask, cfg.pooling)                      # (2B, D)
         contrastive = info_nce(z[:B], z[B:], cfg.temperature, symmetric=cfg.symmetric, groups=batch.get("pair_groups"))
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.clm_weight != 0):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.instruction_weight != 0):
         labels = batch["instr_labels"]
         at = scored_positions(labels)                            # the head runs on response positions only
         targets = labels[:, 1:][at[:, :-1]]                      # (n_scored,) the token each position predicts
         instruction = model(batch["instr_ids"], batch["instr_mask"], logits_at=at, targets=targets).loss  # = clm_loss
-    total = cfg.cl_weight * contrastive + cfg.clm_weight * instruction
+    total = cfg.contrastive_weight * contrastive + cfg.instruction_weight * instruction
     return AFPLoss(total, contrastive.detach(), instruction.detach())

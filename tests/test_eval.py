@@ -5,30 +5,21 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # flat layout
+import data
+import eval as ev
+import tasks
+import toyworld
+from conftest import SHARED
+from model import Decoder, ModelConfig
 
-import data  # noqa: E402
-import eval as ev  # noqa: E402
-from model import Decoder, ModelConfig  # noqa: E402
-
-PAWSX = Path(__file__).resolve().parent.parent.parent / "shared/data/pawsx"
+PAWSX = SHARED / "pawsx"
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["the cat sat on the mat.", "the cats sat on the mats. the cats ran.", "Answer: Yes, the dog ran far away.",
          "Question: where does the cat live? Answer: home", "答案对不对？答案对。", "问题：猫在哪里？答案：家里。"] * 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads that wait for each
-    other make these tests 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +125,7 @@ def test_token_boundary_join_merges_into_one_token(tok):
 
 def items_fixture(lang="en"):
     word = {"en": "cat", "zh": "猫"}[lang]
-    return [data.MCItem(f"{lang} {word} {i} says", [" yes", " no"], i % 2, id=f"dev-{i}") for i in range(12)]
+    return [tasks.MCItem(f"{lang} {word} {i} says", [" yes", " no"], i % 2, id=f"dev-{i}") for i in range(12)]
 
 
 def test_demos_never_include_the_query(tok, monkeypatch):
@@ -157,19 +148,19 @@ def test_demos_never_include_the_query(tok, monkeypatch):
     ev.few_shot_accuracy(make_model(tok), tok, pool, pool, 5, seed=3, item_index=list(range(len(pool))))
     for q, context in zip(pool, seen):
         demos = context.split(data.DEMO_SEP)
-        assert len(demos) == 6 and demos[-1] == q.prefix and data.demo_text(q) not in demos[:-1]
+        assert len(demos) == 6 and demos[-1] == q.prefix and tasks.demo_text(q) not in demos[:-1]
 
 
 def test_long_prompts_drop_whole_demos_from_the_left(tok, monkeypatch):
     model = make_model(tok, max_seq_len=40)
-    pool = [data.MCItem(f"the cat sat on the mat {i} times, right?", [" Yes", " No"], 0, id=str(i)) for i in range(8)]
+    pool = [tasks.MCItem(f"the cat sat on the mat {i} times, right?", [" Yes", " No"], 0, id=str(i)) for i in range(8)]
     seen = []
     real = ev.logprobs_of_choices
     monkeypatch.setattr(ev, "logprobs_of_choices", lambda m, t, contexts, *a, **kw: (
         seen.extend(contexts), real(m, t, contexts, *a, **kw))[1])
     r = ev.few_shot_accuracy(model, tok, pool[:3], pool[3:], 5, seed=0)
     assert r["truncated"] == 3 and r["n"] == 3
-    demos = [data.demo_text(d) for d in pool[3:]]
+    demos = [tasks.demo_text(d) for d in pool[3:]]
     for context in seen:
         parts = context.split(data.DEMO_SEP)
         assert 1 <= len(parts) < 6 and all(p in demos for p in parts[:-1])   # whole demos only
@@ -237,9 +228,9 @@ def test_task_errors_name_the_file(tok, tmp_path):
 def tiny_run(tmp_path_factory):
     """A small toy world and two random checkpoints that use it."""
     root = tmp_path_factory.mktemp("run")
-    world = data.build_world(data.WorldConfig(pretrain_tokens=20_000, n_eval_pairs=(20, 30), n_pawsx=(12, 16),
+    world = toyworld.build_world(toyworld.WorldConfig(pretrain_words=20_000, n_eval_pairs=(20, 30), n_pawsx=(12, 16),
                                               n_text_docs=4))
-    data.write_world(world, root / "data")
+    toyworld.write_world(world, root / "data")
     tok = data.train_tokenizer(world.training_texts(), 400)
     tok.save(str(root / "tokenizer.json"))
     for seed, name in enumerate(("base", "aligned")):
@@ -288,8 +279,8 @@ def test_plot_without_matplotlib_says_how_to_install(tiny_run, monkeypatch, caps
 def test_real_pawsx(tok):
     model = make_model(tok, max_seq_len=256)
     for lang in ("zh", "en"):
-        items = data.load_mc_task(PAWSX, lang, "dev")[:6]
-        pool = data.load_mc_task(PAWSX, "en", "dev", template_lang=None)
+        items = tasks.load_mc_task(PAWSX, lang, "dev")[:6]
+        pool = tasks.load_mc_task(PAWSX, "en", "dev", template_lang=None)
         a = ev.few_shot_accuracy(model, tok, items, pool, 1, seed=0, item_index=list(range(6)), prefix_cache=True)
         b = ev.few_shot_accuracy(model, tok, items, pool, 1, seed=0, item_index=list(range(6)), prefix_cache=False)
         assert a == b and a["n"] + a["skipped"] == 6

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tokenizers import processors
 
+import config
 import data
 import eval as ev
 import hf
@@ -159,7 +160,7 @@ def test_save_hf_then_transformers_gives_the_same_logits(hf_checkpoints, family,
 def test_save_hf_of_a_model_pretrained_here(flavour, tmp_path):
     """Our own models are written as gpt2 or llama, tokenizer included; transformers reads both back."""
     cfg = dict(vocab_size=V, max_seq_len=32, n_layer=2, n_head=4, d_model=32)
-    cfg.update(train.ARCHS[flavour] | (dict(n_kv_head=2) if flavour == "llama" else {}))
+    cfg.update(config.ARCHS[flavour] | (dict(n_kv_head=2) if flavour == "llama" else {}))
     torch.manual_seed(0)
     model = random_weights_(Decoder(ModelConfig(**cfg)), 0.2).eval()
     out = hf.save_hf(model, data.train_tokenizer(TEXTS, vocab_size=300), tmp_path / "saved")
@@ -329,7 +330,7 @@ def test_paper_preset_is_the_authors_hyperparameters():
     cfg = train.parse_config(["--stage", "align", "--preset", "paper", "--align-steps", "7"])
     assert (cfg.align_lr, cfg.warmup_ratio, cfg.min_lr_ratio, cfg.temperature, cfg.pooling, cfg.layer) == \
            (1e-5, 0.03, 0.0, 0.05, "last", 1)
-    assert (cfg.cl_weight, cfg.clm_weight, cfg.grad_clip, cfg.align_weight_decay, cfg.replay_weight) == \
+    assert (cfg.contrastive_weight, cfg.instruction_weight, cfg.grad_clip, cfg.align_weight_decay, cfg.replay_weight) == \
            (1.0, 1.5, 1.0, 0.0, 0.0)
     assert cfg.align_steps == 7                                       # flags override the preset
 
@@ -356,7 +357,7 @@ def test_gpt2_fused_qkv_of_the_wrong_size_is_named(tmp_path):
 def test_specials_when_the_tokenizer_also_appends_an_eos(tmp_path):
     tok = family_tokenizer("gpt2")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    assert data.hf_specials(tok, {"eos_token_id": 2}, tmp_path) == dict(bos=1, eos=2, pad=2)
+    assert hf.special_ids(tok, {"eos_token_id": 2}, tmp_path) == dict(bos=1, eos=2, pad=2)
 
 
 @needs_transformers

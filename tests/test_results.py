@@ -40,15 +40,16 @@ def test_seeds_table_is_mean_and_sample_std(tmp_path):
 
 def test_ablation_table_names_the_changed_flags(tmp_path):
     base = write_run(tmp_path / "seed0", {"base": fake_eval(0.01, 5.0, 0.6, 0.3), "aligned": fake_eval(0.8, 6.0, 0.5, 0.4)})
-    abl = write_run(tmp_path / "abl", {"aligned": fake_eval(0.2, 9.0, 0.5, 0.4)}, cl_weight=1.0, clm_weight=0.0,
+    abl = write_run(tmp_path / "abl", {"aligned": fake_eval(0.2, 9.0, 0.5, 0.4)}, contrastive_weight=1.0, clm_weight=0.0,
                     out="somewhere", seed=3, text=[], symmetric=True, pairs=["a.tsv", "b.tsv"],
                     device="cuda", replay_weight=1.0)
     lines = results.ablation_table([base, abl]).splitlines()[2:]
     assert lines[0].startswith("| seed0 base (no alignment) |  | 0.010 |")
     assert "--seed" not in lines[2] and "--device" not in lines[2]
-    assert "--text" not in lines[2] and "--cl-weight" not in lines[2]       # [] is the default (), 1.0 the default
+    assert "--text" not in lines[2] and "--contrastive-weight" not in lines[2]  # [] is the default (), 1.0 too
     assert "| 9.00 |" in lines[2]
-    assert "`--pairs a.tsv b.tsv --clm-weight 0.0 --symmetric`" in lines[2]     # as a command line takes them
+    assert "`--pairs a.tsv b.tsv --instruction-weight 0.0 --symmetric`" in lines[2]  # as a command line takes them,
+                                                                  # clm_weight (a run saved before the rename) read anew
     assert "| `--replay-weight 0.0` |" in lines[1]  # seed0's config predates the flag: it ran without replay
 
 

@@ -2,14 +2,15 @@
 file:line errors, data.py check, and the shared dev data when it is beside the repository."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 import data
 import tasks
+from conftest import SHARED
+from conftest import write as write_raw
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
+PAWSX = SHARED / "pawsx"
 
 
 def write(path, lines):
@@ -136,7 +137,7 @@ COPA = tasks.COPARow("The man turned on the faucet.", ["The toilet filled with w
 
 def test_templates_give_the_documented_strings():
     item = tasks.copa_item(COPA, "en")
-    assert data.demo_text(item) == "Effect: The man turned on the faucet so water flowed."
+    assert tasks.demo_text(item) == "Effect: The man turned on the faucet so water flowed."
     zh = tasks.copa_item(tasks.COPARow("那人打开水龙头。", ["厕所里满是水。", "水流出来了。"], "cause", 0), "zh")
     assert zh.prefix + zh.choices[0] == "起因: 那人打开水龙头因为厕所里满是水。"
     nli = tasks.nli_item(tasks.NLIRow("A man sleeps.", "He dreams.", 1), "en")
@@ -144,9 +145,9 @@ def test_templates_give_the_documented_strings():
                           "between premise and hypothesis, entailment, neutral, or contradiction?\nAnswer:")
     assert nli.choices == [" entailment", " neutral", " contradiction"] and nli.label == 1
     story = tasks.story_item(tasks.StoryRow(["A.", "B.", "C.", "D."], ["E.", "F."], 1), "en")
-    assert data.demo_text(story) == "A. B. C. D. F."
+    assert tasks.demo_text(story) == "A. B. C. D. F."
     wino = tasks.winograd_item(tasks.WinogradRow("The cup fell because ", ["it", "the table"], " was slick.", 1), "en")
-    assert data.demo_text(wino) == "The cup fell because the table was slick."
+    assert tasks.demo_text(wino) == "The cup fell because the table was slick."
     assert all(lang in tasks.NLI_WORDS for lang in ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th",
                                                     "zh", "hi", "sw", "ur"))           # XNLI's 15 languages
     with pytest.raises(ValueError, match="xcopa: no template words for language 'xx'"):
@@ -186,3 +187,27 @@ def test_the_paper_tasks_run_in_eval(tmp_path, capsys):
     assert "xstorycloze: no English data" in capsys.readouterr().err
     r = mc["xnli"]["in_2shot"]["en"]
     assert r["n"] == 4 and abs(r["acc_se"] - (r["acc"] * (1 - r["acc"]) / 4) ** 0.5) < 1e-12
+
+
+def test_toy_task_readers_on_small_fixtures(tmp_path):
+    paws = write_raw(tmp_path / "en.dev.tsv", "id\tsentence1\tsentence2\tlabel\n7\tA b.\tB a.\t0\n8\tC d.\tD c.\t1\n")
+    assert tasks.read_pawsx_tsv(paws) == [tasks.PawsExample("7", "A b.", "B a.", 0),
+                                          tasks.PawsExample("8", "C d.", "D c.", 1)]
+    write_raw(tmp_path / "en.dev.jsonl", json.dumps(dict(id="q1", question="Where?", choices=["x", "y"], label=1)))
+    first = tasks.load_mc_task(tmp_path, "en", "dev")[0]
+    assert first == tasks.MCItem("A b., right?", [" Yes, B a.", " No, B a."], 1, "7")
+    assert tasks.read_knowledge_jsonl(tmp_path / "en.dev.jsonl")[0]["choices"] == ["x", "y"]
+
+
+def test_pawsx_from_shared_data():
+    if not (PAWSX / "en.dev.tsv").is_file():
+        pytest.skip(f"no PAWS-X at {PAWSX}")
+    assert tasks.task_languages(PAWSX) == ["en", "de", "es", "fr", "ja", "ko", "zh"]
+    for lang in tasks.task_languages(PAWSX):
+        rows, items = tasks.read_pawsx_tsv(PAWSX / f"{lang}.dev.tsv"), tasks.load_mc_task(PAWSX, lang, "dev")
+        assert len(items) == len(rows) == 2000
+        assert [it.label for it in items] == [1 - e.label for e in rows]  # choices are [Yes, No]
+    zh = tasks.load_mc_task(PAWSX, "zh", "dev")[0]
+    assert zh.prefix.endswith(", 对吗?") and zh.choices[0].startswith(" 对, ") and zh.choices[1].startswith(" 不对, ")
+    en_template = tasks.load_mc_task(PAWSX, "zh", "dev", template_lang="en")[0]
+    assert en_template.prefix.endswith(", right?") and en_template.choices[1].startswith(" No, ")

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,31 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # flat layout: train.py lives in the repo root
-
-import data  # noqa: E402
-import train  # noqa: E402
-from model import load_model  # noqa: E402
+import config
+import data
+import toyworld
+import train
+from conftest import REPO as ROOT
+from model import load_model
 
 TINY = ["--preset", "tiny", "--no-eval"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads spin: use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One tiny toy world for every run here (as `python train.py --preset tiny` would build it)."""
     out = tmp_path_factory.mktemp("world")
-    cfg = data.WorldConfig(seed=0, pretrain_tokens=train.PRESETS["tiny"]["world_words"], **train.TINY_WORLD)
-    data.write_world(data.build_world(cfg), out)
+    cfg = toyworld.WorldConfig(seed=0, pretrain_words=config.PRESETS["tiny"]["world_words"], **config.TINY_WORLD)
+    toyworld.write_world(toyworld.build_world(cfg), out)
     return str(out)
 
 
@@ -59,11 +52,39 @@ def digest(ckpt):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(ckpt).iterdir())}
 
 
+def at_step(monkeypatch, n, action):
+    """Call action(losses, grad_norm, tokens) on what training step n (1-based, counted over the whole stage)
+    computed, before its update; its return value is what the loop sees."""
+    real = train.forward_backward
+
+    def patched(fwd, stage, cfg, env, step):
+        out = real(fwd, stage, cfg, env, step)
+        return action(*out) if step + 1 == n else out
+    monkeypatch.setattr(train, "forward_backward", patched)
+
+
+def interrupt_at(monkeypatch, n):
+    """A real SIGINT (Ctrl-C) during step n: the run saves a resumable checkpoint at the end of that step."""
+    at_step(monkeypatch, n, lambda *out: (os.kill(os.getpid(), signal.SIGINT), out)[1])
+
+
+def nan_at(monkeypatch, n):
+    """A NaN loss at step n."""
+    at_step(monkeypatch, n, lambda losses, grad_norm, tokens: ({**losses, "loss": float("nan")}, grad_norm, tokens))
+
+
+def run_interrupted(monkeypatch, argv, n):
+    """train.main(argv) stopped by Ctrl-C during step n."""
+    with monkeypatch.context() as m, pytest.raises(train.Interrupted, match="--resume"):
+        interrupt_at(m, n)
+        train.main(argv)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints and logs of a tiny run
 
 def test_tiny_run_writes_valid_checkpoints(run_dir):
-    steps = dict(pretrain=train.PRESETS["tiny"]["pretrain_steps"], align=train.PRESETS["tiny"]["align_steps"])
+    steps = dict(pretrain=config.PRESETS["tiny"]["pretrain_steps"], align=config.PRESETS["tiny"]["align_steps"])
     for stage, name in train.STAGE_DIR.items():
         best, last = run_dir / name, run_dir / f"{name}.last"
         assert {f.name for f in best.iterdir()} == {"config.json", "model.pt", "tokenizer.json"}
@@ -79,7 +100,7 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
         assert torch.isfinite(model(ids).logits).all()
         state = torch.load(last / "state.pt", weights_only=True)
         assert state["step"] == steps[stage] and {"optimizer", "scheduler", "rng"} <= set(state)
-    assert not any(".tmp-" in p.name or ".old-" in p.name for p in run_dir.iterdir())  # no half-written ones
+    assert not any(p.suffix in (".tmp", ".old") for p in run_dir.iterdir())  # no half-written ones
     base, aligned = weights(run_dir / "base"), weights(run_dir / "aligned")
     assert any(not torch.equal(base[k], aligned[k]) for k in base)
 
@@ -87,7 +108,7 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
     train_steps = [r for r in records if "loss" in r]
     assert {r["stage"] for r in train_steps} == {"pretrain", "align"}
     assert all({"lr", "tok_s", "grad_norm", "tokens"} <= set(r) for r in train_steps)
-    assert all({"cl", "clm"} <= set(r) for r in train_steps if r["stage"] == "align")
+    assert all({"contrastive", "instruction"} <= set(r) for r in train_steps if r["stage"] == "align")
     assert any("dev_loss" in r and r["stage"] == "align" for r in records)
     share = [r for r in records if "alignment_share" in r][-1]
     assert share["alignment_tokens"] == read_json(run_dir / "aligned.last" / "config.json")["tokens"]
@@ -105,10 +126,10 @@ def test_replay_adds_a_weighted_lm_loss_on_the_base_models_pretraining_text(worl
     steps = [r for r in records if r.get("stage") == "align" and "loss" in r]
     assert steps and all("replay" in r for r in steps) and any("dev_replay" in r for r in records)
     for r in steps:  # the tiny preset keeps the paper's weights 1.0 and 1.5
-        assert r["replay"] > 0 and abs(r["loss"] - (r["cl"] + 1.5 * r["clm"] + 2.0 * r["replay"])) < 1e-4
+        assert r["replay"] > 0 and abs(r["loss"] - (r["contrastive"] + 1.5 * r["instruction"] + 2.0 * r["replay"])) < 1e-4
     assert not any("replay" in r or "dev_replay" in r for r in plain)  # --replay-weight 0: the paper's loss
     for r in (r for r in plain if r.get("stage") == "align" and "loss" in r):
-        assert abs(r["loss"] - (r["cl"] + 1.5 * r["clm"])) < 1e-4
+        assert abs(r["loss"] - (r["contrastive"] + 1.5 * r["instruction"])) < 1e-4
     # each step also ran 3 pretraining blocks: more tokens than the same alignment without replay
     tokens = lambda recs: [r for r in recs if "alignment_tokens" in r][-1]["alignment_tokens"]
     assert tokens(records) > tokens(plain)
@@ -122,14 +143,13 @@ def math_finite(x):
 # Ctrl-C, resume, NaN
 
 @pytest.mark.parametrize("stage", ["pretrain", "align"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(stage, world, run_dir, tmp_path):
-    args = [*TINY, "--data-dir", world, "--stage", stage, "--steps", "12", "--eval-every", "5"]
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(stage, world, run_dir, tmp_path, monkeypatch):
+    args = [*TINY, "--data-dir", world, "--stage", stage, f"--{stage}-steps", "12", "--eval-every", "5"]
     if stage == "align":
         args += ["--init", str(run_dir / "base")]
     last = f"{train.STAGE_DIR[stage]}.last"
     train.main([*args, "--out", str(tmp_path / "a")])
-    with pytest.raises(train.Interrupted, match="--resume"):  # a real SIGINT, sent at the end of step 7
-        train.main([*args, "--out", str(tmp_path / "b"), "--debug-interrupt-at-step", "7"])
+    run_interrupted(monkeypatch, [*args, "--out", str(tmp_path / "b")], 7)
     assert read_json(tmp_path / "b" / last / "config.json")["step"] == 7
     train.main([*args, "--out", str(tmp_path / "b"), "--resume"])
     a, b = weights(tmp_path / "a" / last), weights(tmp_path / "b" / last)
@@ -149,12 +169,11 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_resume_never_runs_code_from_state_pt(world, tmp_path):
+def test_resume_never_runs_code_from_state_pt(world, tmp_path, monkeypatch):
     """state.pt holds tensors, numbers and lists only and loads with weights_only=True: one carrying a pickled
     callable is refused with a clear error, and the callable never runs."""
     args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
-    with pytest.raises(train.Interrupted):
-        train.main([*args, "--debug-interrupt-at-step", "5"])
+    run_interrupted(monkeypatch, args, 5)
     state = tmp_path / "base.last/state.pt"
     torch.load(state, weights_only=True)                               # what we write loads safely
     marker = tmp_path / "ran"
@@ -164,13 +183,13 @@ def test_resume_never_runs_code_from_state_pt(world, tmp_path):
     assert not marker.exists()
 
 
-def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(world, tmp_path):
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(world, tmp_path, monkeypatch):
     args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
-    with pytest.raises(train.Interrupted):
-        train.main([*args, "--debug-interrupt-at-step", "5"])
+    run_interrupted(monkeypatch, args, 5)
     before = {d: digest(tmp_path / d) for d in ("base", "base.last")}
+    nan_at(monkeypatch, 8)
     with pytest.raises(train.Diverged, match=r"non-finite loss nan .* at step 8; .*base\.last is untouched"):
-        train.main([*args, "--resume", "--debug-nan-at-step", "8"])
+        train.main([*args, "--resume"])
     assert {d: digest(tmp_path / d) for d in ("base", "base.last")} == before
 
 
@@ -210,11 +229,11 @@ def test_two_processes_match_one(world, tmp_path):
     assert read_json(tmp_path / "two" / "base.last" / "config.json")["tokens"] == 4 * 8 * 64  # full blocks only
     assert_same_weights(tmp_path / "one" / "base.last", tmp_path / "two" / "base.last")
     one, two = last_train_record(tmp_path / "one", "align"), last_train_record(tmp_path / "two", "align")
-    assert one["tokens"] == two["tokens"] and abs(one["cl"] - two["cl"]) < 1e-2 * one["cl"]
+    assert one["tokens"] == two["tokens"] and abs(one["contrastive"] - two["contrastive"]) < 1e-2 * one["contrastive"]
     assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-2 * one["grad_norm"]
 
     # the contrastive term alone is exact: negatives gathered from both processes (and unused blocks skipped)
-    args = [*TINY, "--data-dir", world, "--seed", "1", "--stage", "align", "--steps", "3", "--clm-weight", "0"]
+    args = [*TINY, "--data-dir", world, "--seed", "1", "--stage", "align", "--align-steps", "3", "--instruction-weight", "0"]
     torchrun_2([*args, "--init", str(tmp_path / "two" / "base"), "--out", str(tmp_path / "two_cl")])
     train.main([*args, "--init", str(tmp_path / "one" / "base"), "--out", str(tmp_path / "one_cl")])
     assert_same_weights(tmp_path / "one_cl" / "aligned.last", tmp_path / "two_cl" / "aligned.last")
@@ -250,8 +269,7 @@ def broken_ckpt(run_dir, tmp_path_factory):
     (["--warmup-ratio", "1.5"], "warmup-ratio"),
     (["--layer", "3"], "--layer 3 is out of range for a model of 2 blocks"),
     (["--n-head", "3"], "not divisible by n_head"),
-    (["--cl-weight", "0", "--clm-weight", "0"], "nothing to train"),
-    (["--steps", "5"], "--steps needs --stage pretrain or align"),
+    (["--contrastive-weight", "0", "--instruction-weight", "0"], "nothing to train"),
     (["--text", "/no/such.txt"], "no such file"),
     (["--bactrian", "en.json"], "lang=path"),
     (["--init", "{base}"], "--init is for --stage align"),
@@ -307,7 +325,7 @@ def test_bad_input_files_stop_the_run_before_pretraining(world, tmp_path):
         (["--align-batch-size", "1", "--align-pair-batch-size", "0"], "needs 2 pairs or more a step"),
     ]
     base = tmp_path / "run"
-    train.main([*TINY, "--data-dir", world, "--stage", "pretrain", "--steps", "2", "--out", str(base)])
+    train.main([*TINY, "--data-dir", world, "--stage", "pretrain", "--pretrain-steps", "2", "--out", str(base)])
     for argv, message in cases:
         for key, path in [("{base}", base / "base")] + [("{%s}" % k, tmp_path / k) for k in files]:
             argv = [a.replace(key, str(path)) for a in argv]
@@ -317,26 +335,26 @@ def test_bad_input_files_stop_the_run_before_pretraining(world, tmp_path):
         assert not (out / "base").exists() and not (out / "aligned").exists()
 
 
-def test_divergence_before_the_first_save_says_so(world, tmp_path):
+def test_divergence_before_the_first_save_says_so(world, tmp_path, monkeypatch):
     args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    nan_at(monkeypatch, 3)
     with pytest.raises(train.Diverged, match=r"at step 3; .*No checkpoint was saved before it \(the first comes at "
                                              r"step 5\)"):
-        train.main([*args, "--debug-nan-at-step", "3"])
+        train.main(args)
 
 
-def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_path):
-    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--steps", "12", "--eval-every", "5",
+def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_path, monkeypatch):
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--pretrain-steps", "12", "--eval-every", "5",
             "--log-every", "1", "--out", str(tmp_path)]
-    with pytest.raises(train.Interrupted):
-        train.main([*args, "--debug-interrupt-at-step", "5"])
+    run_interrupted(monkeypatch, args, 5)
     with pytest.raises(train.ConfigError, match=r"--pretrain-batch-size was 8 when .*base.last was saved, now 4"):
-        train.main([*args, "--resume", "--batch-size", "4"])
+        train.main([*args, "--resume", "--pretrain-batch-size", "4"])
     with pytest.raises(train.ConfigError, match=r"--world-words was 20000 .* now 1500000 \(the preset was 'tiny'"):
         train.main([*args[2:], "--resume"])                                       # the preset dropped
     moved = [*args[:-1], str(tmp_path) + "/", "--log-every", "2", "--temperature", "0.1"]  # the same run, and an
                                                                                            # align flag: free here
-    train.check_resume(train.parse_config([*moved, "--resume"]))
-    train.main([*args, "--resume", "--lr", "1e-4"])
+    config.check_resume(config.parse_config([*moved, "--resume"]))
+    train.main([*args, "--resume", "--pretrain-lr", "1e-4"])
     cfg = train.parse_config(args)
     warmup = -(-cfg.warmup_ratio * 12 // 1)
     logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())
@@ -347,18 +365,16 @@ def test_resume_takes_a_new_learning_rate_and_refuses_other_changes(world, tmp_p
     assert read_json(tmp_path / "base.last/config.json")["train"]["pretrain_lr"] == 1e-4   # config.json agrees
 
 
-def test_a_crashed_save_is_recovered_and_its_leftovers_removed(world, tmp_path):
-    """A crash between save_checkpoint's two renames leaves base.old-PID and no base (best or last alike), and a
-    half-written base.tmp-PID: the next run puts both checkpoints back and removes the leftovers."""
+def test_a_crashed_save_is_recovered_and_its_leftovers_removed(world, tmp_path, monkeypatch):
+    """A crash between save_checkpoint's two renames leaves base.old and no base (best or last alike), and a
+    half-written base.tmp: the next run puts both checkpoints back and removes the leftovers."""
     args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
-    with pytest.raises(train.Interrupted):
-        train.main([*args, "--debug-interrupt-at-step", "5"])
+    run_interrupted(monkeypatch, args, 5)
     for name in ("base", "base.last"):
-        (tmp_path / name).rename(tmp_path / f"{name}.old-4242")
-        (tmp_path / f"{name}.tmp-4243").mkdir()
-    best = digest(tmp_path / "base.old-4242")
-    with pytest.raises(train.Interrupted):
-        train.main([*args, "--resume", "--debug-interrupt-at-step", "6"])
+        (tmp_path / name).rename(tmp_path / f"{name}.old")
+        (tmp_path / f"{name}.tmp").mkdir()
+    best = digest(tmp_path / "base.old")
+    run_interrupted(monkeypatch, [*args, "--resume"], 6)
     assert read_json(tmp_path / "base.last/config.json")["step"] == 6          # resumed from the recovered step 5
     assert digest(tmp_path / "base") == best                                   # no dev evaluation since
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("base")) == ["base", "base.last"]
@@ -390,7 +406,7 @@ def test_cut_and_repeated_alignment_rows_are_reported(run_dir, tmp_path, capsys)
     long = "word " * 80
     pairs.write_text("".join(f"the cat {i}.\tdie Katze {i}.\n" for i in range(30)) + "the cat 0.\tdie Katze 0.\n" * 4
                      + f"{long}\tkurz.\n" * 3)
-    argv = [*TINY, "--stage", "align", "--init", str(run_dir / "base"), "--pairs", str(pairs), "--steps", "1",
+    argv = [*TINY, "--stage", "align", "--init", str(run_dir / "base"), "--pairs", str(pairs), "--align-steps", "1",
             "--out", str(tmp_path / "o")]
     train_ex, _ = train.align_examples(train.parse_config(argv), None)
     want_long = sum(e.sent0 == long for e in train_ex)
@@ -402,3 +418,10 @@ def test_cut_and_repeated_alignment_rows_are_reported(run_dir, tmp_path, capsys)
     assert (rep["long_pairs"], rep["long_instruction_rows"], rep["repeated_pairs"]) == (want_long, want_long,
                                                                                          want_repeats)
     assert f"{want_long} pairs and {want_long} instruction rows are longer than --max-len 64" in capsys.readouterr().out
+
+
+def test_help_shows_no_test_hooks_and_one_flag_per_setting():
+    text = config.build_parser().format_help()
+    assert "debug" not in text and "--steps" not in text and "--pretrain-steps" in text
+    with pytest.raises(SystemExit):
+        config.parse_config(["--steps", "5"])                  # the old shorthand is gone, not silently kept

@@ -456,7 +456,7 @@ def test_afp_loss_equals_naive(pooling, layer):
     model.zero_grad(set_to_none=True)
 
     c, i = naive_afp(model, batch, cfg)
-    total = cfg.cl_weight * c + cfg.clm_weight * i
+    total = cfg.contrastive_weight * c + cfg.instruction_weight * i
     total.backward()
     assert abs(out.contrastive.item() - c.item()) < 1e-5
     assert abs(out.instruction.item() - i.item()) < 1e-5
@@ -469,18 +469,18 @@ def test_afp_loss_equals_naive(pooling, layer):
 
 def test_afp_loss_defaults_and_options():
     cfg = xalign.AFPConfig()
-    assert (cfg.temperature, cfg.pooling, cfg.layer, cfg.cl_weight, cfg.clm_weight, cfg.symmetric) == \
+    assert (cfg.temperature, cfg.pooling, cfg.layer, cfg.contrastive_weight, cfg.instruction_weight, cfg.symmetric) == \
         (0.05, "last", 1, 1.0, 1.5, False)
     model = small_model(n_layer=3)
     batch = dict(afp_batch(), pair_groups=torch.tensor([0, 1, 0]))
-    cfg = xalign.AFPConfig(symmetric=True, temperature=0.2, cl_weight=0.7, clm_weight=2.0)
+    cfg = xalign.AFPConfig(symmetric=True, temperature=0.2, contrastive_weight=0.7, instruction_weight=2.0)
     out = xalign.afp_loss(model, batch, cfg)
     c, i = naive_afp(model, batch, cfg)
     assert abs(out.contrastive.item() - c.item()) < 1e-5 and abs(out.instruction.item() - i.item()) < 1e-5
     assert abs(out.total.item() - (0.7 * c + 2.0 * i).item()) < 1e-5
 
 
-@pytest.mark.parametrize("zero", ["cl_weight", "clm_weight"])
+@pytest.mark.parametrize("zero", ["contrastive_weight", "instruction_weight"])
 def test_afp_loss_zero_weight_still_logs_the_other_part(zero):
     model = small_model(n_layer=3)
     batch = afp_batch()
@@ -494,7 +494,7 @@ def test_afp_loss_zero_weight_still_logs_the_other_part(zero):
     assert abs(out.contrastive.item() - c.item()) < 1e-5            # the zero-weight part is logged all the same
     assert abs(out.instruction.item() - i.item()) < 1e-5
     assert c.item() > 0.05 and i.item() > 0.05
-    kept = cfg.clm_weight * i if zero == "cl_weight" else cfg.cl_weight * c
+    kept = cfg.instruction_weight * i if zero == "contrastive_weight" else cfg.contrastive_weight * c
     assert abs(out.total.item() - kept.item()) < 1e-5
     kept.backward()
     for k, p in model.named_parameters():
@@ -519,12 +519,12 @@ class Spy(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("cl_weight, clm_weight", [(1.0, 1.5), (0.0, 1.5), (1.0, 0.0)])
-def test_afp_loss_zero_weight_term_has_no_graph(cl_weight, clm_weight):
+@pytest.mark.parametrize("contrastive_weight, instruction_weight", [(1.0, 1.5), (0.0, 1.5), (1.0, 0.0)])
+def test_afp_loss_zero_weight_term_has_no_graph(contrastive_weight, instruction_weight):
     # a weight-0 term is computed for the log only: no graph, no wasted backward memory
     spy = Spy(small_model(n_layer=3))
-    out = xalign.afp_loss(spy, afp_batch(), xalign.AFPConfig(cl_weight=cl_weight, clm_weight=clm_weight))
-    assert spy.calls == [("pairs through 1 blocks", cl_weight != 0), ("instr", clm_weight != 0)]
+    out = xalign.afp_loss(spy, afp_batch(), xalign.AFPConfig(contrastive_weight=contrastive_weight, instruction_weight=instruction_weight))
+    assert spy.calls == [("pairs through 1 blocks", contrastive_weight != 0), ("instr", instruction_weight != 0)]
     assert out.total.requires_grad
 
 
