@@ -81,7 +81,7 @@ class EvalConfig:
     seed: int = 1234
     device: str = "cpu"
     threads: int = 1                # torch intra-op threads while evaluating (restored after): the many small
-                                    # forward passes only wait on each other, 30x slower on a busy 2-core machine
+                                    # forward passes only wait on each other, many times slower on a busy machine
     progress: bool = True
 
 

@@ -423,5 +423,5 @@ def test_cut_and_repeated_alignment_rows_are_reported(run_dir, tmp_path, capsys)
 def test_help_shows_no_test_hooks_and_one_flag_per_setting():
     text = config.build_parser().format_help()
     assert "debug" not in text and "--steps" not in text and "--pretrain-steps" in text
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="2"):                   # argparse: unrecognized arguments
         config.parse_config(["--steps", "5"])                  # the old shorthand is gone, not silently kept
