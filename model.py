@@ -161,7 +161,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout_p = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, attn_mask, rope, past):
@@ -178,7 +178,7 @@ class Attention(nn.Module):
             attn_mask = attn_mask.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+            dropout_p=self.dropout_p if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o(y)), (k, v)
 
@@ -302,65 +302,69 @@ class Decoder(nn.Module):
         targets        (N,) the next token at each logits_at position: returns their mean cross-entropy as
                        `loss` (head_loss), and no logits.
         """
-        B, T = input_ids.shape
-        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-        n_run = self.cfg.n_layer if n_layers is None else n_layers
-        if not 0 <= n_run <= self.cfg.n_layer:
-            raise ValueError(f"n_layers={n_layers} is out of range 0..{self.cfg.n_layer}")
-        if targets is not None and n_run < self.cfg.n_layer:
-            raise ValueError("targets need every block: the loss is read at the output head")
-        positions, attn_mask, rope = self.positions_and_mask(input_ids, attention_mask, past_len)
-
-        x = self.tok_emb(input_ids)
-        if self.cfg.embed_scale != 1.0:
-            x = x * self.cfg.embed_scale
-        if self.cfg.pos == "learned":
-            x = x + self.pos_emb(positions)
-        elif self.cfg.pos == "sinusoidal":
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            x = x + sinusoids(positions, self.cfg.d_model, self.cfg.pos_offset, dtype).to(x.dtype)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.drop(x)
+        n_run = self.blocks_to_run(n_layers, logits_at, targets)
+        positions, attn_mask, rope = self.encode_positions(input_ids, attention_mask, past_kv)
+        x = self.embed(input_ids, positions)                                    # (B, T, D)
 
         hidden = [x] if output_hidden_states else None
         present = [] if use_cache else None
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks[:n_run]):
-            past = None if past_kv is None else past_kv[i]
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, attn_mask, rope, past, use_reentrant=False)
-            else:
-                x, kv = block(x, attn_mask, rope, past)
+            args = (x, attn_mask, rope, None if past_kv is None else past_kv[i])
+            x, kv = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             if use_cache:
                 present.append(kv)
             if output_hidden_states:
                 hidden.append(x)
 
-        logits = None
-        if n_run == self.cfg.n_layer:
-            x = self.norm_f(x)                        # the last hidden state is the normed one, as in transformers
-            if output_hidden_states:
-                hidden[-1] = x
-            if targets is not None:
-                if logits_at is None:
-                    raise ValueError("targets need logits_at: the positions whose next token they are")
-                return ModelOutput(None, tuple(hidden) if hidden is not None else None, present,
-                                   self.head_loss(x[logits_at], targets))
-            if compute_logits:
-                logits = self.head(x if logits_at is None else x[logits_at])       # (B, T, V) or (N, V)
-        return ModelOutput(logits, tuple(hidden) if hidden is not None else None, present)
+        if n_run < self.cfg.n_layer:                  # a partial run ends below the final norm and the head
+            return ModelOutput(None, tuple(hidden) if output_hidden_states else None, present)
+        x = self.norm_f(x)                            # the last hidden state is the normed one, as in transformers
+        if output_hidden_states:
+            hidden[-1] = x
+        hidden = tuple(hidden) if output_hidden_states else None
+        if targets is not None:
+            return ModelOutput(None, hidden, present, self.head_loss(x[logits_at], targets))
+        logits = self.head(x if logits_at is None else x[logits_at]) if compute_logits else None  # (B, T, V) or (N, V)
+        return ModelOutput(logits, hidden, present)
 
-    def head_loss(self, x, targets):
-        """Mean cross-entropy of the head's logits at hidden states x (N, D) against targets (N,), in at least fp32
-        (TF32 matmuls on CUDA). At a 250k vocabulary the (N, V) logits and their gradient would dominate the
-        step's memory: HeadLoss makes them for head_chunk logits' worth of rows at a time."""
-        rows = max(1, self.head_chunk // self.cfg.vocab_size)
-        with torch.autocast(x.device.type, enabled=False):
-            return HeadLoss.apply(x, self.head.weight, targets, rows, torch.is_grad_enabled()) / len(targets)
+    def blocks_to_run(self, n_layers, logits_at, targets):
+        """How many blocks forward runs; refuses a loss it could not compute."""
+        n_run = self.cfg.n_layer if n_layers is None else n_layers
+        if not 0 <= n_run <= self.cfg.n_layer:
+            raise ValueError(f"n_layers={n_layers} is out of range 0..{self.cfg.n_layer}")
+        if targets is not None and n_run < self.cfg.n_layer:
+            raise ValueError("targets need every block: the loss is read at the output head")
+        if targets is not None and logits_at is None:
+            raise ValueError("targets need logits_at: the positions whose next token they are")
+        return n_run
 
-    def positions_and_mask(self, input_ids, attention_mask, past_len):
-        """(positions (B, T) of the new tokens, the mask for scaled_dot_product_attention, rope (cos, sin) or None).
-        The mask is None for the plain causal case, else (B, 1, T, S) bool, or float with ALiBi's biases."""
+    def encode_positions(self, input_ids, attention_mask, past_kv):
+        """Where the new tokens are, in the three forms the model reads it: positions (B, T) for the embeddings;
+        attn_mask for scaled_dot_product_attention, None for the plain causal case, else bool (B or 1, 1, T, S),
+        or float (B, H, T, S) with ALiBi's biases; rope (cos, sin) or None."""
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]            # tokens already in the cache
+        key_pos, attn_mask = self.key_positions_and_mask(input_ids, attention_mask, past_len)
+        positions = key_pos[:, past_len:]
+        dtype = torch.promote_types(self.tok_emb.weight.dtype, torch.float32)   # angles, biases: fp32 at least
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta,
+                               self.cfg.rope_scaling, dtype)
+        elif self.cfg.pos == "alibi":
+            # slope_h * key position: within a query's row this equals -slope_h * distance up to a constant,
+            # which softmax ignores (BLOOM's formulation, so that it reads positions from the mask)
+            T, S = input_ids.shape[1], key_pos.shape[1]
+            if attn_mask is None:
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past_len)
+            slopes = alibi_slopes(self.cfg.n_head).to(input_ids.device, dtype)
+            bias = slopes[None, :, None, None] * key_pos[:, None, None, :].to(dtype)    # (B, H, 1, S)
+            attn_mask = bias.masked_fill(~attn_mask, float("-inf"))                      # (B, H, T, S)
+        return positions, attn_mask, rope
+
+    def key_positions_and_mask(self, input_ids, attention_mask, past_len):
+        """The position of every key, cached and new (B, S), and which keys each new token sees: None for the
+        plain causal case, else bool, (T, S) with a cache and no padding, (B, 1, T, S) with padding."""
         B, T = input_ids.shape
         S, dev = past_len + T, input_ids.device
         if attention_mask is not None and attention_mask.shape != (B, S):
@@ -372,32 +376,39 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence length {longest} exceeds max_seq_len={self.cfg.max_seq_len}")
 
         if attention_mask is None or (past_len == 0 and bool(attention_mask.all())):
-            key_pos = torch.arange(S, device=dev).expand(B, S)
-            mask = None if past_len == 0 else torch.ones(T, S, dtype=torch.bool, device=dev).tril(past_len)
-        else:
-            real = attention_mask.bool()
-            key_pos = (real.long().cumsum(-1) - 1).clamp(min=0)                          # (B, S)
-            slot = torch.arange(S, device=dev)
-            causal = slot[None, :] <= slot[past_len:, None]                              # (T, S)
-            # a pad query would see no key at all and softmax to NaN; let it see itself (its output is unused)
-            mask = (causal & real[:, None, None, :]) | (slot[None, :] == slot[past_len:, None])  # (B, 1, T, S)
-        positions = key_pos[:, past_len:]
+            # no pads: the plain causal case, or after a cache the causal band shifted right by past_len
+            band = None if past_len == 0 else torch.ones(T, S, dtype=torch.bool, device=dev).tril(past_len)
+            return torch.arange(S, device=dev).expand(B, S), band
+        real = attention_mask.bool()
+        key_pos = (real.long().cumsum(-1) - 1).clamp(min=0)                              # (B, S)
+        slot = torch.arange(S, device=dev)
+        causal = slot[None, :] <= slot[past_len:, None]                                  # (T, S)
+        # a pad query would see no key at all and softmax to NaN; let it see itself (its output is unused)
+        allowed = (causal & real[:, None, None, :]) | (slot[None, :] == slot[past_len:, None])  # (B, 1, T, S)
+        return key_pos, allowed
 
-        rope = None
-        if self.cfg.pos == "rope":
-            dtype = torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
-            rope = rope_angles(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta,
-                               self.cfg.rope_scaling, dtype)
-        elif self.cfg.pos == "alibi":
-            # slope_h * key position: within a query's row this equals -slope_h * distance up to a constant,
-            # which softmax ignores (BLOOM's formulation, so that it reads positions from the mask)
-            if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(past_len)
-            dtype = torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
-            slopes = alibi_slopes(self.cfg.n_head).to(dev, dtype)
-            bias = slopes[None, :, None, None] * key_pos[:, None, None, :].to(dtype)    # (B, H, 1, S)
-            mask = bias.masked_fill(~mask, float("-inf"))                                # (B, H, T, S)
-        return positions, mask, rope
+    def embed(self, input_ids, positions):
+        """The input of the first block (B, T, D): token embeddings times embed_scale, plus learned or sinusoidal
+        positions (RoPE and ALiBi act in the attention instead), then BLOOM's embedding norm."""
+        x = self.tok_emb(input_ids)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(positions)
+        elif self.cfg.pos == "sinusoidal":
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            x = x + sinusoids(positions, self.cfg.d_model, self.cfg.pos_offset, dtype).to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.drop(x)
+
+    def head_loss(self, x, targets):
+        """Mean cross-entropy of the head's logits at hidden states x (N, D) against targets (N,), in at least fp32
+        (TF32 matmuls on CUDA). At a 250k vocabulary the (N, V) logits and their gradient would dominate the
+        step's memory: HeadLoss makes them for head_chunk logits' worth of rows at a time."""
+        rows = max(1, self.head_chunk // self.cfg.vocab_size)
+        with torch.autocast(x.device.type, enabled=False):
+            return HeadLoss.apply(x, self.head.weight, targets, rows, torch.is_grad_enabled()) / len(targets)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None,

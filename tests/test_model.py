@@ -276,7 +276,7 @@ def test_generate_eos():
 def test_generate_rejects_right_padding():
     model = make_model("gpt")
     ids, mask = pad_batch([torch.randint(V, (5,)), torch.randint(V, (3,))], "right")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="generate needs left-padded prompts"):
         model.generate(ids, 2, attention_mask=mask)
 
 
@@ -294,7 +294,7 @@ def test_n_layers_partial_run(flavour):
             assert torch.equal(a, b)
         assert (out.logits is None) == (k < 3)
     for k in (-1, 4):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"n_layers={k} is out of range 0\.\.3"):
             model(ids, mask, n_layers=k)
 
 
@@ -320,16 +320,18 @@ def test_num_params_and_flops(flavour):
 
 # ---------------------------------------------------------------- bad inputs
 
-@pytest.mark.parametrize("kw", [
-    dict(norm="foo"), dict(mlp="foo"), dict(pos="foo"),
-    dict(d_model=30),                       # not divisible by n_head=4
-    dict(n_kv_head=3),                      # n_head=4 not divisible by 3
-    dict(pos="rope", d_model=12),           # odd head size 3
-    dict(n_layer=0), dict(vocab_size=0),
-    dict(n_head=0),
+@pytest.mark.parametrize("kw, message", [
+    (dict(norm="foo"), "norm must be 'layernorm' or 'rmsnorm', got 'foo'"),
+    (dict(mlp="foo"), "mlp must be 'gelu', 'gelu_tanh' or 'swiglu', got 'foo'"),
+    (dict(pos="foo"), "pos must be 'learned', 'sinusoidal', 'rope' or 'alibi', got 'foo'"),
+    (dict(d_model=30), "d_model=30 is not divisible by n_head=4"),
+    (dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+    (dict(pos="rope", d_model=12), "rope needs an even head size"),          # head size 3
+    (dict(n_layer=0), "sizes must be positive"), (dict(vocab_size=0), "sizes must be positive"),
+    (dict(n_head=0), "n_head and n_kv_head must be positive, got 0, 0"),
 ])
-def test_bad_config_raises(kw):
-    with pytest.raises(ValueError):
+def test_bad_config_raises(kw, message):
+    with pytest.raises(ValueError, match=f"^ModelConfig: {message}$"):
         make_cfg("gpt", **kw)
 
 
