@@ -1,6 +1,6 @@
 """
-checkpoint.py: a run's checkpoints, written so that a crash never leaves a half-written one, and read back
-without unpickling anything (weights_only=True).
+checkpoint.py: a run's checkpoints, written so that a crash never leaves a half-written one, read back
+without unpickling anything (weights_only=True), and the Ctrl-C that asks for one before stopping.
 
 A checkpoint is a directory: config.json (model config and run metadata), model.pt (the state dict),
 tokenizer.json, and, for the latest checkpoint of a stage, state.pt (optimizer, scheduler, random states and
@@ -11,10 +11,14 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from config import ConfigError
 
@@ -84,3 +88,37 @@ def load_state(ckpt_dir):
         raise ConfigError(f"--resume: {path} does not load safely (weights_only): not a state file of this project, "
                           "or one written before xalign stored its random state as tensors and lists, which cannot "
                           f"be resumed: start the stage again ({type(e).__name__})") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: a resumable checkpoint was saved."""
+
+
+class StopFlag:
+    """Ctrl-C (or SIGTERM) during training asks for a checkpoint at the end of the step; a second one quits at
+    once. Every rank must agree to stop, at the same step."""
+
+    def __init__(self):
+        self.requested, self.old_handlers = False, {}
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after this step "
+                   "(again to quit without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
+            self.old_handlers = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
+
+    def agreed(self, env):
+        flag = torch.tensor([float(self.requested)], device=env.device)
+        if env.ddp:
+            dist.all_reduce(flag)
+        return flag.item() > 0

@@ -26,9 +26,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -49,16 +47,13 @@ import toyworld
 import xalign
 from config import (STAGE_DIR, TINY_EVAL, TINY_WORLD, ConfigError, check_inputs, init_dir, model_config,
                     own_alignment_data, parse_config, replay_source)
-from checkpoint import load_state, recover_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (Interrupted, StopFlag, load_state, recover_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
 from model import Decoder, load_model
 
 
 class Diverged(RuntimeError):
     """The loss became NaN or inf."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C: a resumable checkpoint was saved."""
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +171,21 @@ def n_tokens(batch):
     return int(sum(batch[k].sum() for k in ("attention_mask", "pair_mask", "instr_mask") if k in batch))
 
 
+def train_flops(model, batch, layer):
+    """Training FLOPs of a batch as model.flops_per_token counts them: the real tokens of LM and instruction
+    rows through the whole model at their row width, those of pair rows through the `layer` blocks they run
+    (no head), so that the two stages' compute compares fairly."""
+    flops = 0.0
+    for ids, mask in (("input_ids", "attention_mask"), ("instr_ids", "instr_mask")):
+        if ids in batch:
+            flops += float(batch[mask].sum()) * model.flops_per_token(batch[ids].shape[1])
+    if "pair_ids" in batch:
+        n_layer = model.cfg.n_layer
+        per_block = (model.flops_per_token(batch["pair_ids"].shape[1]) - 6 * model.head.weight.numel()) / n_layer
+        flops += float(batch["pair_mask"].sum()) * per_block * (layer if layer >= 0 else layer + n_layer + 1)
+    return flops
+
+
 # -----------------------------------------------------------------------------
 # 3. optimizer and schedule
 
@@ -258,36 +268,6 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-class StopFlag:
-    """Ctrl-C (or SIGTERM) during training asks for a checkpoint at the end of the step; a second one quits at
-    once. Every rank must agree to stop, at the same step."""
-
-    def __init__(self):
-        self.requested, self.old_handlers = False, {}
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"\n{signal.Signals(signum).name}: saving a resumable checkpoint after this step "
-                   "(again to quit without saving)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
-            self.old_handlers = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.old_handlers.items():
-            signal.signal(s, handler)
-
-    def agreed(self, env):
-        flag = torch.tensor([float(self.requested)], device=env.device)
-        if env.ddp:
-            dist.all_reduce(flag)
-        return flag.item() > 0
-
-
 # -----------------------------------------------------------------------------
 # 5. the loop
 
@@ -312,11 +292,12 @@ class Progress:
     step: int = 0
     best_dev: float = math.inf
     tokens: int = 0
+    flops: float = 0.0              # training FLOPs so far (train_flops)
 
 
 def train(stage: Stage, cfg, env):
     """Train stage.model for stage.steps optimizer steps. Keeps OUT/<dir> (best dev loss) and OUT/<dir>.last
-    (latest, resumable). Returns (path of the best checkpoint, tokens trained on)."""
+    (latest, resumable). Returns (path of the best checkpoint, Progress: steps, tokens and FLOPs trained)."""
     best_dir, last_dir = Path(cfg.out) / STAGE_DIR[stage.name], Path(cfg.out) / f"{STAGE_DIR[stage.name]}.last"
     if env.master:                                      # a crash may have left either half swapped
         recover_checkpoint(best_dir)
@@ -329,7 +310,7 @@ def train(stage: Stage, cfg, env):
     progress = resume(stage, env, last_dir, opt, sched) if cfg.resume else Progress()
     if progress.step >= stage.steps:
         log(env, f"{stage.name}: already done ({progress.step} steps), best checkpoint {best_dir}")
-        return best_dir, progress.tokens
+        return best_dir, progress
     eval_every = cfg.eval_every or max(1, stage.steps // 5)
     fwd = wrap_model(stage, cfg, env)
     save = partial(save_stage, stage, env, progress)
@@ -338,7 +319,7 @@ def train(stage: Stage, cfg, env):
                                   disable=not env.master, dynamic_ncols=True) as bar:
         while progress.step < stage.steps:
             # forward and backward over the micro batches, then one update
-            losses, grad_norm, n_tok = forward_backward(fwd, stage, cfg, env, progress.step)
+            losses, grad_norm, n_tok, flops = forward_backward(fwd, stage, cfg, env, progress.step)
             check_finite(stage, losses, grad_norm, progress.step, last_dir, eval_every)
             lr = opt.param_groups[0]["lr"]  # the rate this update uses
             opt.step()
@@ -346,6 +327,7 @@ def train(stage: Stage, cfg, env):
             opt.zero_grad(set_to_none=True)
             progress.step += 1
             progress.tokens += n_tok
+            progress.flops += flops
             tok_log += n_tok
             bar.update(1)
             # log the step
@@ -364,7 +346,7 @@ def train(stage: Stage, cfg, env):
                 save(last_dir, opt, sched)
                 raise Interrupted(f"{stage.name}: interrupted at step {progress.step}/{stage.steps}; checkpoint "
                                   f"saved to {last_dir}, continue with --resume")
-    return best_dir, progress.tokens
+    return best_dir, progress
 
 
 def wrap_model(stage, cfg, env):
@@ -379,11 +361,12 @@ def wrap_model(stage, cfg, env):
 
 def forward_backward(fwd, stage, cfg, env, step):
     """Gradients of one optimizer step over cfg.grad_accum micro batches (batch index = position in the data
-    stream). Returns (mean loss parts over micro batches and ranks, grad norm before clipping, tokens)."""
-    parts_sum, n_tok = None, 0
+    stream). Returns (mean loss parts over micro batches and ranks, grad norm before clipping, tokens, FLOPs)."""
+    parts_sum, n_tok, flops = None, 0, 0.0
     for micro in range(cfg.grad_accum):
         batch = stage.train_data.batch(step * cfg.grad_accum + micro)
         n_tok += n_tokens(batch)
+        flops += train_flops(stage.model, batch, cfg.layer)
         batch = to_device(batch, env.device)
         if env.ddp:  # all-reduce the gradients on the last micro step only
             fwd.require_backward_grad_sync = micro == cfg.grad_accum - 1
@@ -392,12 +375,13 @@ def forward_backward(fwd, stage, cfg, env, step):
         (parts["loss"] / cfg.grad_accum).backward()
         vals = torch.stack([v.detach().float() for v in parts.values()])
         parts_sum = vals if parts_sum is None else parts_sum + vals
-    stats = torch.cat([parts_sum / cfg.grad_accum, torch.tensor([float(n_tok)], device=parts_sum.device)])
-    if env.ddp:  # one all-reduce: the loss parts and the token count
-        dist.all_reduce(stats)
-        stats[:-1] /= env.world_size
+    counts = torch.tensor([float(n_tok), flops], dtype=torch.float64, device=parts_sum.device)
+    if env.ddp:  # the loss parts averaged over ranks, the counts summed
+        dist.all_reduce(parts_sum)
+        parts_sum /= env.world_size
+        dist.all_reduce(counts)
     grad_norm = float(nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.grad_clip or math.inf))
-    return dict(zip(parts, stats[:-1].tolist())), grad_norm, int(stats[-1])
+    return dict(zip(parts, (parts_sum / cfg.grad_accum).tolist())), grad_norm, int(counts[0]), float(counts[1])
 
 
 def check_finite(stage, losses, grad_norm, step, last_dir, eval_every):
@@ -438,9 +422,11 @@ def save_stage(stage, env, progress, path, opt=None, sched=None):
     """A checkpoint of the stage (rank 0 writes); with the optimizer, the one --resume continues from."""
     if not env.master:
         return
-    meta = dict(stage.meta, stage=stage.name, step=progress.step, tokens=progress.tokens, dev_loss=progress.best_dev)
+    meta = dict(stage.meta, stage=stage.name, step=progress.step, tokens=progress.tokens, flops=progress.flops,
+                dev_loss=progress.best_dev)
     state = None if opt is None else dict(step=progress.step, best_dev=progress.best_dev, tokens=progress.tokens,
-                                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_state())
+                                          flops=progress.flops, optimizer=opt.state_dict(),
+                                          scheduler=sched.state_dict(), rng=rng_state())
     save_checkpoint(path, stage.model, stage.tokenizer, meta, state)
 
 
@@ -458,7 +444,7 @@ def resume(stage, env, last_dir, opt, sched):
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    progress = Progress(state["step"], state["best_dev"], state["tokens"])
+    progress = Progress(state["step"], state["best_dev"], state["tokens"], state.get("flops", 0.0))
     log(env, f"{stage.name}: resuming from {last_dir} at step {progress.step}/{stage.steps}")
     if sched.base_lrs[0] != stage.lr:
         log(env, f"{stage.name}: peak learning rate {stage.lr} from step {progress.step} on (was {sched.base_lrs[0]})")
@@ -526,15 +512,26 @@ def align(cfg, env, world_dir, inputs):
     loss_fn = partial(align_loss, afp=afp, replay_weight=cfg.replay_weight)
     stage = Stage("align", model, tokenizer, loss_fn, train_data, dev_data, cfg.align_steps, cfg.align_lr,
                   cfg.align_weight_decay, (0.9, 0.999), meta)  # HF AdamW betas, as the authors' Trainer
-    best, tokens = train(stage, cfg, env)
+    best, progress = train(stage, cfg, env)
     if hf.is_hf_checkpoint(init) and env.master:  # the aligned model where transformers, lm-eval, vLLM read it
         out = hf.save_hf(load_model(best), tokenizer, Path(cfg.out) / "aligned.hf", base=init)
         log(env, f"align: the best checkpoint in {model.cfg.model_type}'s Hugging Face layout: {out}")
+    report_alignment_cost(env, progress, init_meta)
+    return best, progress
+
+
+def report_alignment_cost(env, progress, init_meta):
+    """The alignment stage's tokens and training FLOPs as shares of the base model's pretraining (train.py's
+    bases record both; the paper's point is that alignment is cheap)."""
+    pre_tokens, pre_flops = init_meta.get("tokens"), init_meta.get("flops")
     if pre_tokens:
-        log(env, f"align: {tokens:,} alignment tokens = {100 * tokens / pre_tokens:.2f}% of the {pre_tokens:,} "
-                 "pretraining tokens", alignment_tokens=tokens, pretrain_tokens=pre_tokens,
-            alignment_share=tokens / pre_tokens)
-    return best, tokens
+        log(env, f"align: {progress.tokens:,} alignment tokens = {100 * progress.tokens / pre_tokens:.2f}% of the "
+                 f"{pre_tokens:,} pretraining tokens", alignment_tokens=progress.tokens, pretrain_tokens=pre_tokens,
+            alignment_share=progress.tokens / pre_tokens)
+    if pre_flops:
+        log(env, f"align: {progress.flops:.3g} training FLOPs = {100 * progress.flops / pre_flops:.1f}% of "
+                 f"pretraining's {pre_flops:.3g}", alignment_flops=progress.flops, pretrain_flops=pre_flops,
+            alignment_flops_share=progress.flops / pre_flops)
 
 
 def report_long_and_duplicate_rows(env, examples, align_data, max_len):

@@ -17,7 +17,7 @@ import data
 import toyworld
 import train
 from conftest import REPO as ROOT
-from model import load_model
+from model import Decoder, ModelConfig, load_model
 
 TINY = ["--preset", "tiny", "--no-eval"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +53,7 @@ def digest(ckpt):
 
 
 def at_step(monkeypatch, n, action):
-    """Call action(losses, grad_norm, tokens) on what training step n (1-based, counted over the whole stage)
+    """Call action(losses, grad_norm, tokens, flops) on what training step n (1-based, counted over the whole stage)
     computed, before its update; its return value is what the loop sees."""
     real = train.forward_backward
 
@@ -70,7 +70,7 @@ def interrupt_at(monkeypatch, n):
 
 def nan_at(monkeypatch, n):
     """A NaN loss at step n."""
-    at_step(monkeypatch, n, lambda losses, grad_norm, tokens: ({**losses, "loss": float("nan")}, grad_norm, tokens))
+    at_step(monkeypatch, n, lambda losses, *rest: ({**losses, "loss": float("nan")}, *rest))
 
 
 def run_interrupted(monkeypatch, argv, n):
@@ -112,6 +112,9 @@ def test_tiny_run_writes_valid_checkpoints(run_dir):
     assert any("dev_loss" in r and r["stage"] == "align" for r in records)
     share = [r for r in records if "alignment_share" in r][-1]
     assert share["alignment_tokens"] == read_json(run_dir / "aligned.last" / "config.json")["tokens"]
+    cost = [r for r in records if "alignment_flops_share" in r][-1]
+    assert cost["pretrain_flops"] == read_json(run_dir / "base.last" / "config.json")["flops"] > 0
+    assert cost["alignment_flops_share"] == pytest.approx(cost["alignment_flops"] / cost["pretrain_flops"])
 
 
 def test_replay_adds_a_weighted_lm_loss_on_the_base_models_pretraining_text(world, run_dir, tmp_path):
@@ -425,3 +428,16 @@ def test_help_shows_no_test_hooks_and_one_flag_per_setting():
     assert "debug" not in text and "--steps" not in text and "--pretrain-steps" in text
     with pytest.raises(SystemExit, match="2"):                   # argparse: unrecognized arguments
         config.parse_config(["--steps", "5"])                  # the old shorthand is gone, not silently kept
+
+
+def test_train_flops_counts_pair_rows_through_their_blocks_only():
+    model = Decoder(ModelConfig(vocab_size=50, max_seq_len=32, n_layer=4, n_head=2, d_model=16))
+    mask = lambda n, T, real: (torch.arange(T)[None, :] < torch.tensor(real)[:, None]).long()
+    batch = dict(pair_ids=torch.zeros(4, 6, dtype=torch.long), pair_mask=mask(4, 6, [6, 5, 4, 6]),
+                 instr_ids=torch.zeros(2, 10, dtype=torch.long), instr_mask=mask(2, 10, [10, 7]),
+                 input_ids=torch.zeros(3, 8, dtype=torch.long), attention_mask=mask(3, 8, [8, 8, 2]))
+    head = 2 * 50 * 16                                          # forward FLOPs per token of the (tied) head
+    one_block = (model.flops_per_token(6, training=False) - head) / 4
+    want = 17 * model.flops_per_token(10) + 18 * model.flops_per_token(8) + 21 * 3 * one_block * 1
+    assert train.train_flops(model, batch, layer=1) == pytest.approx(want)
+    assert train.train_flops(model, batch, layer=-1) == pytest.approx(want + 21 * 3 * one_block * 3)
