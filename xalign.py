@@ -99,7 +99,7 @@ def gather(x):
 # The contrastive loss
 
 def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_negative_weight=0.0, groups=None):
-    """InfoNCE over in-batch negatives for B pairs (x_i, y_i), computed in float32 whatever the input dtype.
+    """InfoNCE over in-batch negatives for B pairs (x_i, y_i), computed in float32 (float64 for float64 inputs).
 
         s_ij = cos(x_i, y_j) / tau                       (y_j from every rank under torch.distributed)
         h_ij = cos(x_i, hard_j) / tau + w * [i == j]     (optional hard-negative columns, w = hard_negative_weight)
@@ -123,8 +123,11 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
         raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {B * world}): with one pair there "
                          "is no negative and the loss is 0")
 
-    # normalize in fp32 (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits); eps keeps zero vectors finite
-    x, y = F.normalize(x.float(), dim=-1, eps=1e-8), F.normalize(y.float(), dim=-1, eps=1e-8)
+    # normalize in fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64
+    # stays float64); eps keeps zero vectors finite
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    unit = lambda t: F.normalize(t.to(dtype), dim=-1, eps=1e-8)               # noqa: E731
+    x, y = unit(x), unit(y)
     target = torch.arange(B, device=x.device) + rank * B                      # own pair's column among all ranks'
 
     def loss_one_way(rows, cols, hard):
@@ -135,7 +138,7 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
             same[torch.arange(B, device=x.device), target] = False            # the positive itself stays
             logits = logits.masked_fill(same, float("-inf"))
         if hard is not None:
-            hard_logits = rows @ gather(F.normalize(hard.float(), dim=-1, eps=1e-8)).T / temperature
+            hard_logits = rows @ gather(unit(hard)).T / temperature
             bonus = torch.zeros_like(hard_logits)
             bonus[torch.arange(B, device=x.device), target] = hard_negative_weight
             logits = torch.cat([logits, hard_logits + bonus], dim=1)          # (B, 2*W*B)

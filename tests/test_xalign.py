@@ -135,13 +135,16 @@ def call_both(x, y, h, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_info_nce_equals_naive_loop(case):
-    # info_nce computes in float32 by design (x.float()), so the float64 reference is evaluated on the float32
-    # rounding of the inputs and the tolerance is float32's (1e-5), not float64's 1e-10.
+    # float32 inputs (what a model gives) are computed in float32: the float64 reference is evaluated on their
+    # values and the tolerance is float32's (1e-5). float64 inputs stay float64: float64's tolerance, 1e-10.
     x, y, h = rand_pairs()
-    ours, ref = call_both(x, y, h, case)
+    ours, ref = call_both(x.float(), y.float(), h.float(), case)
     assert ours.dtype == torch.float32
     assert abs(ours.item() - ref.item()) < 1e-5, (case, ours.item(), ref.item())
     assert ref.item() > 0.05                                    # a non-trivial value was compared
+    ours64, _ = call_both(x, y, h, case)
+    assert ours64.dtype == torch.float64
+    assert abs(ours64.item() - naive_case(x, y, h, case).item()) < 1e-10
 
 
 def test_info_nce_options_change_the_value():
@@ -155,9 +158,9 @@ def test_info_nce_options_change_the_value():
 
 @pytest.mark.parametrize("case", ["default", "symmetric", "hard", "groups", "all"])
 def test_info_nce_gradients(case):
-    # gradcheck of info_nce in float64 cannot pass: it computes in float32 on purpose. Honest alternative:
-    # (a) central finite differences of the float64 naive loss (no autograd in the reference), tolerance 1e-5,
-    #     the float32 error of info_nce's gradient; (b) autograd of the naive loss on the same values, 1e-5.
+    # (a) central finite differences of the float64 naive loss (no autograd in the reference), tolerance 1e-5;
+    # (b) autograd of the naive loss on the same values, 1e-5. (float64 inputs are computed in float64, so
+    # test_info_nce_gradcheck below checks info_nce's own gradients to float64 precision as well.)
     x, y, h = rand_pairs(B=6, D=5, seed=1)
     x, y, h = (r32(t).requires_grad_() for t in (x, y, h))
     ours, _ = call_both(x, y, h, case)
@@ -182,6 +185,27 @@ def test_info_nce_gradients(case):
         torch.testing.assert_close(g.double(), fd, rtol=0, atol=1e-5)
         torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-5)
     assert gy.abs().max() > 1e-2                                # non-trivial gradients were compared
+
+
+@pytest.mark.parametrize("case", ["symmetric", "all"])
+def test_info_nce_gradcheck(case):
+    x, y, h = rand_pairs(B=5, D=4, seed=2)
+    kw = dict(CASES[case])
+    use_hard, w = kw.pop("hard", False), kw.pop("w", 0.0)
+    kw["groups"] = kw["groups"][:5] if "groups" in kw else None
+
+    def f(x, y, h):
+        return xalign.info_nce(x, y, hard_negatives=h if use_hard else None, hard_negative_weight=w, **kw)
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, y, h)))
+
+
+def test_info_nce_dtypes():
+    # half precisions are computed in float32, float64 stays float64
+    x, y, _ = rand_pairs(B=4, D=8, dtype=torch.float32)
+    for dtype, out in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                       (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        assert xalign.info_nce(x.to(dtype), y.to(dtype)).dtype == out, dtype
+    assert xalign.info_nce(x.bfloat16(), y.double()).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------------------------------------
