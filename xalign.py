@@ -23,6 +23,7 @@ Under torch.distributed the negatives are gathered from every rank with their gr
 B pairs each train exactly like one process with N*B pairs (after DDP's gradient averaging).
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -98,7 +99,8 @@ def gather(x):
 # --------------------------------------------------------------------------------------------------------
 # The contrastive loss
 
-def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_negative_weight=0.0, groups=None):
+def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_negative_weight=0.0, groups=None,
+             tile_size=None):
     """InfoNCE over in-batch negatives for B pairs (x_i, y_i), computed in float32 (float64 for float64 inputs).
 
         s_ij = cos(x_i, y_j) / tau                       (y_j from every rank under torch.distributed)
@@ -108,6 +110,8 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     symmetric: average with the y -> x direction (the authors use x -> y only; hard negatives stay x -> y).
     groups:    (B,) ids; pairs that share an id (the same sentence twice in a batch) are not each other's
                negatives: s_ij is dropped from the sum when groups[i] == groups[j], i != j.
+    tile_size: None builds the (B, W*B) logits whole, fastest while they fit in memory; an int t gives the same
+               loss and gradients from (t, t) tiles (tiled_cross_entropy) in O(B*D + t*t) memory.
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"info_nce: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, D)")
@@ -117,6 +121,8 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
         raise ValueError(f"info_nce: groups {tuple(groups.shape)} must be ({x.shape[0]},)")
     if not temperature > 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 1):
+        raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
     rank, world = _world()
     B = x.shape[0]
     if B * world < 2:
@@ -129,16 +135,21 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     unit = lambda t: F.normalize(t.to(dtype), dim=-1, eps=1e-8)               # noqa: E731
     x, y = unit(x), unit(y)
     target = torch.arange(B, device=x.device) + rank * B                      # own pair's column among all ranks'
+    all_groups = gather(groups) if groups is not None else None               # (W*B,)
 
     def loss_one_way(rows, cols, hard):
-        logits = rows @ gather(cols).T / temperature                          # (B, W*B)
+        cols = gather(cols)                                                   # (W*B, D)
+        hard = gather(unit(hard)) if hard is not None else None               # (W*B, D)
+        if tile_size is not None:
+            return tiled_cross_entropy(rows, cols, hard, groups, all_groups, rank * B, temperature,
+                                       hard_negative_weight, tile_size)
+        logits = rows @ cols.T / temperature                                  # (B, W*B)
         if groups is not None:
-            all_groups = gather(groups)
             same = (groups[:, None] == all_groups[None, :])
             same[torch.arange(B, device=x.device), target] = False            # the positive itself stays
             logits = logits.masked_fill(same, float("-inf"))
         if hard is not None:
-            hard_logits = rows @ gather(unit(hard)).T / temperature
+            hard_logits = rows @ hard.T / temperature
             bonus = torch.zeros_like(hard_logits)
             bonus[torch.arange(B, device=x.device), target] = hard_negative_weight
             logits = torch.cat([logits, hard_logits + bonus], dim=1)          # (B, 2*W*B)
@@ -148,6 +159,98 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     if symmetric:
         loss = (loss + loss_one_way(y, x, None)) / 2
     return loss
+
+
+def tiled_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile_size):
+    """One direction of info_nce on unit vectors, from (tile_size, tile_size) tiles of the logits.
+
+    rows (B, D): this rank's anchors. cols (N, D): every rank's columns (N = W*B); row i's positive is column
+    t_i = offset + i. hard (N, D) or None: hard-negative columns, hard_weight added on column t_i.
+    row_groups (B,), col_groups (N,) or None: duplicate ids; s_ij is dropped where they match and j != t_i.
+    Returns L = (1/B) sum_i (lse_i - s_i,t_i), lse_i = log of sum_j exp over the kept and the hard columns.
+    The gradient w.r.t. cols is this rank's loss's only: under torch.distributed pass gather(...)'s output,
+    whose backward sums it over the ranks.
+    """
+    return _TiledCrossEntropy.apply(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight,
+                                    tile_size)
+
+
+class _TiledCrossEntropy(torch.autograd.Function):
+    """tiled_cross_entropy's loss and exact gradients; autograd keeps no (B, N) tensor, only lse (B,).
+
+    Forward walks the tiles with a running max m_i and sum l_i per row (the online log-sum-exp):
+        m_i' = max(m_i, max_j s_ij),   l_i' = l_i * exp(m_i - m_i') + sum_j exp(s_ij - m_i'),   lse_i = m_i + log l_i
+    Backward recomputes every tile's probabilities p_ij = exp(s_ij - lse_i) (0 where masked) and, with g the
+    incoming gradient and s_ij = rows_i . cols_j / tau,
+        dL/ds_ij    = g * (p_ij - [j == t_i]) / B       (hard columns: p_ij only, the bonus being a constant)
+        dL/drows_i  = sum_j dL/ds_ij * cols_j / tau,    dL/dcols_j = sum_i dL/ds_ij * rows_i / tau
+    The rest of the chain (the cosine's F.normalize, gather, the symmetric average) is autograd's, outside.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile):
+        ctx.config = (offset, temperature, hard_weight, tile)
+        B = rows.shape[0]
+        with _no_autocast(rows):
+            # a finite start, not -inf: a row whose first tiles are all masked must not compute exp(-inf + inf)
+            m = torch.full((B,), torch.finfo(rows.dtype).min, dtype=rows.dtype, device=rows.device)
+            l = torch.zeros_like(m)
+            for r0, r1, _, _, _, s in _tiles(rows, cols, hard, row_groups, col_groups, *ctx.config):
+                m_new = torch.maximum(m[r0:r1], s.amax(dim=1))                                  # (tr,)
+                l[r0:r1] = l[r0:r1] * torch.exp(m[r0:r1] - m_new) + torch.exp(s - m_new[:, None]).sum(dim=1)
+                m[r0:r1] = m_new
+            lse = m + torch.log(l)                                                               # (B,)
+            positive = (rows * cols[offset:offset + B]).sum(dim=1) / temperature               # (B,) s_i,t_i
+        ctx.save_for_backward(rows, cols, hard, row_groups, col_groups, lse)
+        return (lse - positive).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, cols, hard, row_groups, col_groups, lse = ctx.saved_tensors
+        offset, temperature, _, _ = ctx.config
+        B = rows.shape[0]
+        scale = grad / (B * temperature)                                      # g/B from dL/ds, 1/tau from ds/d.
+        with _no_autocast(rows):
+            d_rows, d_cols = torch.zeros_like(rows), torch.zeros_like(cols)
+            d_hard = torch.zeros_like(hard) if hard is not None else None
+            for r0, r1, c0, c1, is_hard, s in _tiles(rows, cols, hard, row_groups, col_groups, *ctx.config):
+                p = torch.exp(s - lse[r0:r1, None]) * scale                   # (tr, tc); masked: exp(-inf) = 0
+                src, d_src = (hard, d_hard) if is_hard else (cols, d_cols)
+                d_rows[r0:r1].addmm_(p, src[c0:c1])                           # in place: no (tr, D) temporary
+                d_src[c0:c1].addmm_(p.T, rows[r0:r1])
+            d_rows -= scale * cols[offset:offset + B]                         # the -[j == t_i] term
+            d_cols[offset:offset + B] -= scale * rows
+        return d_rows, d_cols, d_hard, None, None, None, None, None, None
+
+
+def _tiles(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile):
+    """(r0, r1, c0, c1, is_hard, logits (r1-r0, c1-c0)) for every tile of the (B, N) logits and then of the
+    hard ones, row tiles outermost; masked and given the bonus exactly as info_nce's untiled path."""
+    spans = lambda n: [(a, min(a + tile, n)) for a in range(0, n, tile)]     # noqa: E731
+    for r0, r1 in spans(rows.shape[0]):
+        t = torch.arange(r0, r1, device=rows.device) + offset                 # (tr,) each row's positive column
+        for is_hard, src in ((False, cols), (True, hard)):
+            if src is None:
+                continue
+            for c0, c1 in spans(src.shape[0]):
+                s = rows[r0:r1] @ src[c0:c1].T / temperature                  # (tr, tc)
+                if is_hard or row_groups is not None:
+                    positive = torch.arange(c0, c1, device=s.device)[None, :] == t[:, None]      # (tr, tc)
+                    if is_hard:
+                        s = torch.where(positive, s + hard_weight, s)       # w in s's dtype, not bool*w's fp32
+                    else:                                                     # a duplicate, not the pair itself
+                        same = (row_groups[r0:r1, None] == col_groups[None, c0:c1]) & ~positive
+                        s = s.masked_fill(same, float("-inf"))
+                yield r0, r1, c0, c1, is_hard, s
+
+
+def _no_autocast(t):
+    """Autocast off around the tiles: backward must recompute exactly the forward's logits, but it runs wherever
+    loss.backward() is called (for CUDA on another thread, outside the forward's autocast). Inputs are fp32/fp64."""
+    if torch.amp.is_autocast_available(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _RNGState:
@@ -174,7 +277,8 @@ def cached_info_nce(embed, x_inputs, y_inputs, chunk_size, hard_inputs=None, **i
     1. embed every chunk without a graph, noting the random state before each chunk;
     2. compute the loss on the full (B, D) matrices and its gradient g = dL/dz w.r.t. the embeddings only;
     3. embed each chunk again with a graph, from the noted random state (same dropout masks), and backprop g.
-    Parameter gradients are those of the plain loss; peak memory is one chunk's activations plus (B, D).
+    Parameter gradients are those of the plain loss; peak memory is one chunk's activations plus (B, D), and
+    the loss's (B, W*B) logits unless tile_size=t (passed on to info_nce) bounds those to (t, t) tiles too.
     """
     if chunk_size < 1:
         raise ValueError(f"cached_info_nce: chunk_size must be >= 1, got {chunk_size}")
