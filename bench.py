@@ -2,6 +2,7 @@
 bench.py: speed and memory of the hot paths, every figure measured in the same run.
 
     python bench.py [--device cpu|cuda] [--repeats 7] [--quick]
+    python bench.py --tiled [--tile 1024] [--tiled-pairs 4096,16384,65536]    (the tiled-loss section alone)
 
 Prints one markdown table:
   - the matmul peak of this device (a large square matmul), the reference for model FLOPs utilization (MFU);
@@ -11,6 +12,9 @@ Prints one markdown table:
     largest difference in loss and gradients;
   - prefix-cached choice scoring against full-sequence scoring at 5-shot (eval.py): items/s, ratio, max diff;
   - the cached contrastive loss at 4,096 pairs against the plain one: peak memory, time, max gradient diff;
+  - the tiled InfoNCE (info_nce(tile_size=...)) against the untiled one on the loss alone, (B, 256) embeddings
+    at 4,096 / 16,384 / 65,536 pairs: peak memory above the process's baseline, time, max gradient diff, each
+    configuration in a process of its own (the untiled one only where its (B, B) matrices fit);
   - with transformers installed (requirements-dev.txt; --no-real skips it): the align step at XGLM-564M's shape
     (random weights, 8 pairs of 64 tokens + 8 instruction rows of 128), ours against the authors' way in
     transformers (two passes, output_hidden_states, the full output head): tokens/s, the FLOPs ratio, and the
@@ -276,6 +280,93 @@ def bench_contrastive(device, n_pairs, chunk, repeats):
                 grad_diff=(grads["plain"] - grads["cached"]).abs().max().item())
 
 
+TILED_D = 256
+
+
+def tiled_child(mode, n_pairs, tile, warm_steps):
+    """Run in a subprocess: info_nce + backward on random (n_pairs, 256) fp32 embeddings, untiled (loss-plain)
+    or tiled (loss-tiled). The peak is the resident set's high-water mark above the baseline taken after the
+    inputs exist and a warm-up at 512 pairs (so: the loss, its graph, the backward and the gradients, not the
+    kernels' code and buffers loaded on first use); the first step is cold, the time is the median of
+    warm_steps more (the cold step's when there are none)."""
+    tile = tile if mode == "loss-tiled" else None
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, TILED_D, generator=g, requires_grad=True)
+    xalign.info_nce(w, w.detach() + 1, tile_size=None if tile is None else min(tile, 128)).backward()
+    x = torch.randn(n_pairs, TILED_D, generator=g)
+    y = (x + torch.randn(n_pairs, TILED_D, generator=g)).requires_grad_()
+    x.requires_grad_()
+    reset_peak_rss()
+    base = rss_kb("VmRSS") * 1024
+    times = []
+    for _ in range(1 + warm_steps):
+        x.grad = y.grad = None                          # the last step's gradients are freed before the next
+        t = time.perf_counter()
+        loss = xalign.info_nce(x, y, tile_size=tile)
+        loss.backward()
+        times.append(time.perf_counter() - t)
+    peak = rss_kb("VmHWM") * 1024 - base
+    torch.save(torch.cat([x.grad, y.grad]), os.environ["XALIGN_BENCH_GRADS"])
+    print(json.dumps(dict(peak_bytes=peak, base_bytes=base, seconds=statistics.median(times[1:] or times),
+                          warm=len(times) > 1, loss=loss.item())))
+
+
+def plain_fits(n_pairs):
+    """The untiled loss keeps the (B, B) logits and their log-softmax for backward and builds their gradient:
+    about 12 * B^2 bytes at the peak in fp32. Run it only where that stays under half the memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 12 * n_pairs ** 2 < total / 2
+
+
+def bench_tiled(pair_counts, tile, repeats):
+    """Tiled vs untiled InfoNCE (loss + backward, CPU) at each pair count, each run in a fresh process; the
+    two alternate, median over the rounds."""
+    out = []
+    for n in pair_counts:
+        modes = ["loss-tiled"] + (["loss-plain"] if plain_fits(n) else [])
+        warm = max(0, min(repeats, round(4e8 / n ** 2)))   # warm steps per process: several at 4,096, 1 at 16,384
+        rounds = 2 if n <= 16384 else 1
+        runs, grads = {m: [] for m in modes}, {}
+        for _ in range(rounds):
+            for mode in modes:
+                path = f"/tmp/xalign_bench_grads_{os.getpid()}_{mode}.pt"
+                res = subprocess.run([sys.executable, __file__, "--child", mode, "--device", "cpu", "--pairs",
+                                      str(n), "--tile", str(tile), "--repeats", str(warm)], capture_output=True,
+                                     text=True, env={**os.environ, "XALIGN_BENCH_GRADS": path}, check=True)
+                runs[mode].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                grads[mode] = torch.load(path)
+                os.remove(path)
+        med = lambda mode, key: statistics.median(r[key] for r in runs[mode])
+        row = dict(pairs=n, tile=tile, rounds=rounds, warm_steps=warm,
+                   peak_mb_tiled=med("loss-tiled", "peak_bytes") / 2**20, s_tiled=med("loss-tiled", "seconds"),
+                   base_mb=med("loss-tiled", "base_bytes") / 2**20)
+        if "loss-plain" in runs:
+            row.update(peak_mb_plain=med("loss-plain", "peak_bytes") / 2**20, s_plain=med("loss-plain", "seconds"),
+                       grad_diff=(grads["loss-plain"] - grads["loss-tiled"]).abs().max().item(),
+                       loss_diff=abs(med("loss-plain", "loss") - med("loss-tiled", "loss")))
+        out.append(row)
+    return out
+
+
+def tiled_rows(figures):
+    rows = []
+    for t in figures:
+        name = f"tiled vs untiled InfoNCE (CPU), {t['pairs']:,} pairs x {TILED_D}, tile {t['tile']}"
+        us = lambda s: 1e6 * s / t["pairs"]                                                  # noqa: E731
+        if "peak_mb_plain" in t:
+            rows.append((name, f"peak above baseline {t['peak_mb_tiled']:,.0f} vs {t['peak_mb_plain']:,.0f} MB "
+                         f"({t['peak_mb_tiled'] / t['peak_mb_plain']:.3f}x), "
+                         f"{t['s_tiled']:.2f} vs {t['s_plain']:.2f} s "
+                         f"({us(t['s_tiled']):.1f} vs {us(t['s_plain']):.1f} us/pair, "
+                         f"{t['s_tiled'] / t['s_plain']:.2f}x), max diff loss {t['loss_diff']:.1e}, "
+                         f"grads {t['grad_diff']:.1e}"))
+        else:
+            rows.append((name, f"peak above baseline {t['peak_mb_tiled']:,.0f} MB, {t['s_tiled']:.1f} s "
+                         f"({us(t['s_tiled']):.1f} us/pair{'' if t['warm_steps'] else ', one cold step'}); untiled "
+                         f"not run: its (B, B) fp32 matrices need ~12 B^2 = {12 * t['pairs'] ** 2 / 2**30:.0f} GiB"))
+    return rows
+
+
 # the published XGLM-564M config.json, dropout off so that both sides compute the same loss
 XGLM_564M = dict(model_type="xglm", vocab_size=256008, max_position_embeddings=2048, d_model=1024, ffn_dim=4096,
                  num_layers=24, attention_heads=16, activation_function="gelu", scale_embedding=True,
@@ -370,10 +461,26 @@ def main():
     p.add_argument("--chunk", type=int, default=256, help="chunk size of the cached contrastive loss")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--no-real", action="store_true", help="skip the XGLM-564M-shape comparison with transformers")
-    p.add_argument("--child", choices=["plain", "cached", "real-xalign", "real-transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--tiled", action="store_true", help="run only the tiled-InfoNCE section (CPU)")
+    p.add_argument("--tile", type=int, default=1024, help="tile size of the tiled InfoNCE")
+    p.add_argument("--tiled-pairs", default="4096,16384,65536", help="pair counts of the tiled-InfoNCE section")
+    p.add_argument("--child", choices=["plain", "cached", "real-xalign", "real-transformers", "loss-plain",
+                                       "loss-tiled"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child in ("real-xalign", "real-transformers"):
         return real_child(args.child, args.device, args.repeats)
+    if args.child in ("loss-plain", "loss-tiled"):
+        return tiled_child(args.child, args.pairs, args.tile, args.repeats)
+    tiled_pairs = [1024, 4096] if args.quick else [int(n) for n in args.tiled_pairs.split(",")]
+    if args.tiled:
+        rows = tiled_rows(bench_tiled(tiled_pairs, args.tile, args.repeats))
+        print(f"CPU, {torch.get_num_threads()} threads; one-way InfoNCE, tau 0.05, loss + backward; peak = the child "
+              "process's resident-set high-water mark minus its resident set once the inputs exist (after a warm-up "
+              "at 512 pairs)\n")
+        print("| figure | measured |\n|---|---|")
+        for name, value in rows:
+            print(f"| {name} | {value} |")
+        return
     if args.child:
         return contrastive_child(args.child, args.device, args.pairs, args.chunk)
     if args.quick:
@@ -396,6 +503,7 @@ def main():
     except ImportError as e:
         figures["eval"] = dict(error=f"eval.py not importable: {e}")
     figures["contrastive"] = bench_contrastive(device, args.pairs, args.chunk, args.repeats)
+    figures["tiled"] = bench_tiled(tiled_pairs, args.tile, args.repeats)
     try:
         import transformers  # noqa: F401  (test-only: requirements-dev.txt)
         figures["real"] = None if args.no_real else bench_real(device, max(2, args.repeats // 2))
@@ -421,6 +529,7 @@ def main():
     rows.append((f"cached vs plain contrastive, {c['pairs']} pairs, chunk {c['chunk']}",
                  f"peak {c['peak_mb_cached']:.0f} vs {c['peak_mb_plain']:.0f} MB ({c['memory_ratio']:.3f}x), "
                  f"{c['s_cached']:.2f} vs {c['s_plain']:.2f} s, max grad diff {c['grad_diff']:.1e}"))
+    rows += tiled_rows(f["tiled"])
     r = f["real"]
     if r is not None:
         rows.append(("align step at XGLM-564M's shape vs the authors' way in transformers",

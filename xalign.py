@@ -23,6 +23,7 @@ Under torch.distributed the negatives are gathered from every rank with their gr
 B pairs each train exactly like one process with N*B pairs (after DDP's gradient averaging).
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -98,8 +99,9 @@ def gather(x):
 # --------------------------------------------------------------------------------------------------------
 # The contrastive loss
 
-def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_negative_weight=0.0, groups=None):
-    """InfoNCE over in-batch negatives for B pairs (x_i, y_i), computed in float32 whatever the input dtype.
+def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_negative_weight=0.0, groups=None,
+             tile_size=None):
+    """InfoNCE over in-batch negatives for B pairs (x_i, y_i), computed in float32 (float64 for float64 inputs).
 
         s_ij = cos(x_i, y_j) / tau                       (y_j from every rank under torch.distributed)
         h_ij = cos(x_i, hard_j) / tau + w * [i == j]     (optional hard-negative columns, w = hard_negative_weight)
@@ -108,6 +110,8 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     symmetric: average with the y -> x direction (the authors use x -> y only; hard negatives stay x -> y).
     groups:    (B,) ids; pairs that share an id (the same sentence twice in a batch) are not each other's
                negatives: s_ij is dropped from the sum when groups[i] == groups[j], i != j.
+    tile_size: None builds the (B, W*B) logits whole, fastest while they fit in memory; an int t gives the same
+               loss and gradients from (t, t) tiles (tiled_cross_entropy) in O(W*B*D + t*t) memory.
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"info_nce: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, D)")
@@ -117,25 +121,38 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
         raise ValueError(f"info_nce: groups {tuple(groups.shape)} must be ({x.shape[0]},)")
     if not temperature > 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 1):
+        raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
     rank, world = _world()
     B = x.shape[0]
     if B * world < 2:
         raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {B * world}): with one pair there "
                          "is no negative and the loss is 0")
 
-    # normalize in fp32 (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits); eps keeps zero vectors finite
-    x, y = F.normalize(x.float(), dim=-1, eps=1e-8), F.normalize(y.float(), dim=-1, eps=1e-8)
+    # normalize in fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64
+    # stays float64); eps keeps zero vectors finite
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    unit = lambda t: F.normalize(t, dim=-1, eps=1e-8)                         # noqa: E731
+    x, y = x.to(dtype), y.to(dtype)
+    hard_negatives = hard_negatives.to(dtype) if hard_negatives is not None else None
     target = torch.arange(B, device=x.device) + rank * B                      # own pair's column among all ranks'
+    all_groups = gather(groups) if groups is not None else None               # (W*B,)
 
     def loss_one_way(rows, cols, hard):
-        logits = rows @ gather(cols).T / temperature                          # (B, W*B)
+        # gather, then normalize: the same vectors (normalizing goes row by row), and the tiled path wants them raw
+        cols = gather(cols)                                                   # (W*B, D)
+        hard = gather(hard) if hard is not None else None                     # (W*B, D)
+        if tile_size is not None:                                             # normalizes inside
+            return tiled_cross_entropy(rows, cols, hard, groups, all_groups, rank * B, temperature,
+                                       hard_negative_weight, tile_size)
+        rows, cols = unit(rows), unit(cols)
+        logits = rows @ cols.T / temperature                                  # (B, W*B)
         if groups is not None:
-            all_groups = gather(groups)
             same = (groups[:, None] == all_groups[None, :])
             same[torch.arange(B, device=x.device), target] = False            # the positive itself stays
             logits = logits.masked_fill(same, float("-inf"))
         if hard is not None:
-            hard_logits = rows @ gather(F.normalize(hard.float(), dim=-1, eps=1e-8)).T / temperature
+            hard_logits = rows @ unit(hard).T / temperature
             bonus = torch.zeros_like(hard_logits)
             bonus[torch.arange(B, device=x.device), target] = hard_negative_weight
             logits = torch.cat([logits, hard_logits + bonus], dim=1)          # (B, 2*W*B)
@@ -145,6 +162,118 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     if symmetric:
         loss = (loss + loss_one_way(y, x, None)) / 2
     return loss
+
+
+def tiled_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile_size):
+    """One direction of info_nce, from (tile_size, tile_size) tiles of the logits s_ij = cos(rows_i, cols_j) / tau.
+
+    rows (B, D): this rank's anchors. cols (N, D): every rank's columns (N = W*B); row i's positive is column
+    t_i = offset + i. hard (N, D) or None: hard-negative columns, hard_weight added on column t_i. All three are
+    normalized inside as F.normalize(eps=1e-8) would: backward then turns the gradients w.r.t. the unit vectors
+    into those w.r.t. the raw ones in place, with no (B, D) buffer of autograd's in between.
+    row_groups (B,), col_groups (N,) or None: duplicate ids; s_ij is dropped where they match and j != t_i.
+    Returns L = (1/B) sum_i (lse_i - s_i,t_i), lse_i = log of sum_j exp over the kept and the hard columns.
+    The gradient w.r.t. cols is this rank's loss's only: under torch.distributed pass gather(...)'s output,
+    whose backward sums it over the ranks.
+    """
+    return _TiledCrossEntropy.apply(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight,
+                                    tile_size)
+
+
+class _TiledCrossEntropy(torch.autograd.Function):
+    """tiled_cross_entropy's loss and exact gradients; autograd keeps no (B, N) tensor, only lse (B,).
+
+    With u = x / max(|x|, eps) for rows, cols and hard alike and s_ij = u_i . v_j / tau, forward folds the tiles
+    into a running log-sum-exp per row (online: the running max is inside logaddexp),
+        lse_i <- max(lse_i, b_i) + log(exp(lse_i - max) + exp(b_i - max)),   b_i = log sum_{j in tile} exp(s_ij)
+    from lse_i = -inf. Backward recomputes each tile's probabilities p_ij = exp(s_ij - lse_i) (0 where masked)
+    and, with g the incoming gradient,
+        dL/ds_ij = g * (p_ij - [j == t_i]) / B          (hard columns: p_ij only, the bonus being a constant)
+        dL/du_i  = sum_j dL/ds_ij * v_j / tau,          dL/dv_j = sum_i dL/ds_ij * u_i / tau
+        dL/dx    = (dL/du - u (dL/du . u)) / |x|        (dL/du / eps where |x| < eps), as F.normalize's
+    The last step runs in place on the (B, D) and (N, D) gradients, which autograd then hands on as they are.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile):
+        B = rows.shape[0]
+        ctx.config = (offset, 1 / temperature, hard_weight, tile)
+        with _no_autocast(rows):
+            (rows, r_norm), (cols, c_norm) = _unit(rows), _unit(cols)
+            hard, h_norm = _unit(hard) if hard is not None else (None, None)
+            lse = torch.full((B,), float("-inf"), dtype=rows.dtype, device=rows.device)
+            zero = torch.zeros_like(lse)
+            for r0, r1, _, _, _, s in _tiles(rows, cols, hard, row_groups, col_groups, *ctx.config, zero):
+                lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(s, dim=1))  # a masked row: -inf, not nan
+            s_pos = torch.einsum("bd,bd->b", rows, cols[offset:offset + B]) / temperature     # (B,) s_i,t_i
+        ctx.save_for_backward(rows, cols, hard, r_norm, c_norm, h_norm, row_groups, col_groups, lse)
+        return (lse - s_pos).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, cols, hard, r_norm, c_norm, h_norm, row_groups, col_groups, lse = ctx.saved_tensors
+        offset, inv_tau = ctx.config[:2]
+        B = rows.shape[0]
+        alpha = grad.item() * inv_tau / B             # g/B from dL/ds, 1/tau from ds/du: a number for addmm_
+        with _no_autocast(rows):
+            d_rows, d_cols = torch.zeros_like(rows), torch.zeros_like(cols)
+            d_hard = torch.zeros_like(hard) if hard is not None else None
+            for r0, r1, c0, c1, is_hard, s in _tiles(rows, cols, hard, row_groups, col_groups, *ctx.config, lse):
+                p = s.exp_()                                                  # (tr, tc) p_ij in place; masked: 0
+                src, d_src = (hard, d_hard) if is_hard else (cols, d_cols)
+                d_rows[r0:r1].addmm_(p, src[c0:c1], alpha=alpha)              # in place: no (tr, D) temporary
+                d_src[c0:c1].addmm_(p.T, rows[r0:r1], alpha=alpha)
+            d_rows.sub_(cols[offset:offset + B], alpha=alpha)                 # the -[j == t_i] term
+            d_cols[offset:offset + B].sub_(rows, alpha=alpha)
+            _unit_backward_(d_rows, rows, r_norm)
+            _unit_backward_(d_cols, cols, c_norm)
+            if hard is not None:
+                _unit_backward_(d_hard, hard, h_norm)
+        return d_rows, d_cols, d_hard, None, None, None, None, None, None
+
+
+def _unit(t):
+    """(t / max(|t|, eps), |t| (n, 1)): F.normalize(t, eps=1e-8)'s value, and the norm for the backward."""
+    norm = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    return t / norm.clamp_min(1e-8), norm
+
+
+def _unit_backward_(grad, u, norm):
+    """grad = dL/du becomes dL/dt in place, for u = _unit(t)[0]: the radial part goes, then / |t|; below eps
+    the divisor is the constant eps and nothing goes."""
+    radial = torch.einsum("bd,bd->b", grad, u)[:, None] * (norm >= 1e-8)     # (n, 1) dL/du . u
+    return grad.addcmul_(u, radial, value=-1).div_(norm.clamp_min(1e-8))
+
+
+def _tiles(rows, cols, hard, row_groups, col_groups, offset, inv_tau, hard_weight, tile, shift):
+    """(r0, r1, c0, c1, is_hard, logits - shift (r1-r0, c1-c0)) for every tile of the (B, N) logits and then of
+    the hard ones, row tiles outermost; masked and given the bonus as info_nce's untiled path. The per-row shift
+    (B,) and 1/tau are applied inside the matmul. Each tile is a fresh tensor: the caller may overwrite it."""
+    spans = lambda n: [(a, min(a + tile, n)) for a in range(0, n, tile)]     # noqa: E731
+    for r0, r1 in spans(rows.shape[0]):
+        t = torch.arange(r0, r1, device=rows.device) + offset                 # (tr,) each row's positive column
+        for is_hard, src in ((False, cols), (True, hard)):
+            if src is None:
+                continue
+            for c0, c1 in spans(src.shape[0]):
+                s = torch.addmm(shift[r0:r1, None], rows[r0:r1], src[c0:c1].T, beta=-1, alpha=inv_tau)  # (tr, tc)
+                if is_hard or row_groups is not None:
+                    positive = torch.arange(c0, c1, device=s.device)[None, :] == t[:, None]      # (tr, tc)
+                    if is_hard:
+                        s.add_(positive.to(s.dtype), alpha=hard_weight)   # w in s's dtype, not bool*w's fp32
+                    else:                                                     # a duplicate, not the pair itself
+                        same = (row_groups[r0:r1, None] == col_groups[None, c0:c1]) & ~positive
+                        s.masked_fill_(same, float("-inf"))
+                yield r0, r1, c0, c1, is_hard, s
+
+
+def _no_autocast(t):
+    """Autocast off around the tiles: backward must recompute exactly the forward's logits, but it runs wherever
+    loss.backward() is called (for CUDA on another thread, outside the forward's autocast). Inputs are fp32/fp64."""
+    if torch.amp.is_autocast_available(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _RNGState:
@@ -171,7 +300,8 @@ def cached_info_nce(embed, x_inputs, y_inputs, chunk_size, hard_inputs=None, **i
     1. embed every chunk without a graph, noting the random state before each chunk;
     2. compute the loss on the full (B, D) matrices and its gradient g = dL/dz w.r.t. the embeddings only;
     3. embed each chunk again with a graph, from the noted random state (same dropout masks), and backprop g.
-    Parameter gradients are those of the plain loss; peak memory is one chunk's activations plus (B, D).
+    Parameter gradients are those of the plain loss; peak memory is one chunk's activations plus (B, D), and
+    the loss's (B, W*B) logits unless tile_size=t (passed on to info_nce) bounds those to (t, t) tiles too.
     """
     if chunk_size < 1:
         raise ValueError(f"cached_info_nce: chunk_size must be >= 1, got {chunk_size}")

@@ -1,4 +1,5 @@
-"""Tests for xalign.py: naive loop references, gradients, pooling, 2-process gloo, GradCache, afp_loss, bad inputs."""
+"""Tests for xalign.py: naive loop references, gradients, the tiled loss, pooling, 2-process gloo, GradCache,
+afp_loss, bad inputs."""
 
 import ast
 import math
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flat layout: xalign.py and model.py live in the repo root
@@ -135,13 +137,16 @@ def call_both(x, y, h, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_info_nce_equals_naive_loop(case):
-    # info_nce computes in float32 by design (x.float()), so the float64 reference is evaluated on the float32
-    # rounding of the inputs and the tolerance is float32's (1e-5), not float64's 1e-10.
+    # float32 inputs (what a model gives) are computed in float32: the float64 reference is evaluated on their
+    # values and the tolerance is float32's (1e-5). float64 inputs stay float64: float64's tolerance, 1e-10.
     x, y, h = rand_pairs()
-    ours, ref = call_both(x, y, h, case)
+    ours, ref = call_both(x.float(), y.float(), h.float(), case)
     assert ours.dtype == torch.float32
     assert abs(ours.item() - ref.item()) < 1e-5, (case, ours.item(), ref.item())
     assert ref.item() > 0.05                                    # a non-trivial value was compared
+    ours64, _ = call_both(x, y, h, case)
+    assert ours64.dtype == torch.float64
+    assert abs(ours64.item() - naive_case(x, y, h, case).item()) < 1e-10
 
 
 def test_info_nce_options_change_the_value():
@@ -155,9 +160,9 @@ def test_info_nce_options_change_the_value():
 
 @pytest.mark.parametrize("case", ["default", "symmetric", "hard", "groups", "all"])
 def test_info_nce_gradients(case):
-    # gradcheck of info_nce in float64 cannot pass: it computes in float32 on purpose. Honest alternative:
-    # (a) central finite differences of the float64 naive loss (no autograd in the reference), tolerance 1e-5,
-    #     the float32 error of info_nce's gradient; (b) autograd of the naive loss on the same values, 1e-5.
+    # (a) central finite differences of the float64 naive loss (no autograd in the reference), tolerance 1e-5;
+    # (b) autograd of the naive loss on the same values, 1e-5. (float64 inputs are computed in float64, so
+    # test_info_nce_gradcheck below checks info_nce's own gradients to float64 precision as well.)
     x, y, h = rand_pairs(B=6, D=5, seed=1)
     x, y, h = (r32(t).requires_grad_() for t in (x, y, h))
     ours, _ = call_both(x, y, h, case)
@@ -182,6 +187,136 @@ def test_info_nce_gradients(case):
         torch.testing.assert_close(g.double(), fd, rtol=0, atol=1e-5)
         torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-5)
     assert gy.abs().max() > 1e-2                                # non-trivial gradients were compared
+
+
+def test_info_nce_dtypes():
+    # half precisions are computed in float32, float64 stays float64
+    x, y, _ = rand_pairs(B=4, D=8, dtype=torch.float32)
+    for dtype, out in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                       (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        assert xalign.info_nce(x.to(dtype), y.to(dtype)).dtype == out, dtype
+    assert xalign.info_nce(x.bfloat16(), y.double()).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2b. the tiled loss (tile_size) equals the untiled one
+
+TILES = [1, 3, 4, 6, 7]                                         # B = 6: divides it, does not, B, more than B
+
+
+def info_nce_case(x, y, h, case, **extra):
+    kw = dict(CASES[case])
+    use_hard, w = kw.pop("hard", False), kw.pop("w", 0.0)
+    return xalign.info_nce(x, y, hard_negatives=h if use_hard else None, hard_negative_weight=w, **kw, **extra)
+
+
+def leaves(*tensors):
+    return tuple(t.detach().clone().requires_grad_() for t in tensors)
+
+
+def loss_and_grads(inputs, fn):
+    loss = fn(*inputs)
+    return (loss, *torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tiled_equals_untiled(case, dtype, tol):
+    inputs = tuple(t.to(dtype).requires_grad_() for t in rand_pairs())
+    ref = loss_and_grads(inputs, lambda x, y, h: info_nce_case(x, y, h, case))
+    assert ref[0].item() > 0.05 and ref[2].abs().max() > 1e-2   # non-trivial values are compared
+    for tile in TILES:
+        out = loss_and_grads(inputs, lambda x, y, h: info_nce_case(x, y, h, case, tile_size=tile))
+        assert out[0].dtype == dtype
+        for name, a, b in zip(("loss", "dx", "dy", "dh"), out, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=lambda m: f"tile {tile}, {name}: {m}")
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+@pytest.mark.parametrize("case", ["symmetric", "hard", "all"])
+def test_info_nce_gradcheck(case, tile):
+    # float64 stays float64, so both paths' gradients can be checked against finite differences to gradcheck's
+    # tolerances (the tiled path's backward is written by hand)
+    inputs = tuple(t.requires_grad_() for t in rand_pairs(B=6, D=4, seed=2))
+    assert torch.autograd.gradcheck(lambda x, y, h: info_nce_case(x, y, h, case, tile_size=tile), inputs)
+
+
+def test_tiled_edge_cases():
+    x, y, _ = rand_pairs(B=6, D=8, seed=4, dtype=torch.float64)
+    # duplicates: at tile 1, row 1's first tile (column 0, its duplicate) is masked whole; a -inf start would
+    # compute exp(-inf + inf) = nan there
+    for groups in (torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 1, 1, 2, 2])):
+        for tile in (1, 4):
+            a, b = (loss_and_grads(leaves(x, y), lambda x, y: xalign.info_nce(
+                x, y, groups=groups, symmetric=True, tile_size=t)) for t in (tile, None))
+            assert torch.isfinite(a[0]) and torch.isfinite(a[1]).all()
+            for u, v in zip(a, b):
+                torch.testing.assert_close(u, v, rtol=0, atol=1e-10)
+    # one group: only the positive is left, the loss is 0
+    assert abs(xalign.info_nce(x, y, groups=torch.zeros(6, dtype=torch.long), tile_size=4).item()) < 1e-12
+    # logits up to 100 in float32, large norms, zero vectors
+    x32, y32 = (1e4 * x).float(), (1e4 * y).float()
+    x32[1] = 0
+    for tile in (1, 4):
+        a, b = (loss_and_grads(leaves(x32, y32), lambda x, y: xalign.info_nce(
+            x, y, temperature=0.01, symmetric=True, tile_size=t)) for t in (tile, None))
+        assert torch.isfinite(a[1]).all() and a[0].item() > 1.0
+        for u, v in zip(a, b):                                  # the zero row's gradient is ~1e8 (the eps): rtol
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_bf16_inputs_computed_in_float32():
+    x, y, _ = rand_pairs(B=8, D=32, seed=3, dtype=torch.float32)
+    xb = x.bfloat16().requires_grad_()
+    yb = y.bfloat16().requires_grad_()
+    a, b = (loss_and_grads((xb, yb), lambda x, y: xalign.info_nce(x, y, temperature=0.01, tile_size=t))
+            for t in (3, None))
+    assert a[0].dtype == torch.float32 and a[1].dtype == a[2].dtype == torch.bfloat16
+    assert abs(a[0].item() - b[0].item()) < 1e-5
+    for u, v in zip(a[1:], b[1:]):                              # float32 gradients within 1e-5, then rounded to bf16
+        torch.testing.assert_close(u, v)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Notes the most elements of any tensor an op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_tiled_never_builds_a_large_tensor():
+    # B = 64 pairs of D = 8, tile 16: every tensor of the tiled loss and its backward, the (B, D) inputs and
+    # gradients included, has at most B * D = 512 elements; a (B, tile) slab would have 1,024, the logits 4,096
+    B, D = 64, 8
+    g = torch.Generator().manual_seed(0)
+    x, y, h = (torch.randn(B, D, generator=g, requires_grad=True) for _ in range(3))
+    groups = torch.randint(0, 20, (B,), generator=g)
+    sizes = {}
+    for tile in (16, None):
+        with LargestTensor() as seen:
+            loss = xalign.info_nce(x, y, symmetric=True, hard_negatives=h, hard_negative_weight=0.3, groups=groups,
+                                   tile_size=tile)
+            loss.backward()
+        sizes[tile] = seen.numel
+    assert sizes[16] == B * D
+    assert sizes[None] >= B * B                                 # the untiled path, seen by the same probe
+
+
+def test_tiled_bad_tile_size():
+    x = torch.randn(4, 3)
+    for tile in (0, -1, 1.5, "8"):
+        with pytest.raises(ValueError, match="tile_size must be an int >= 1"):
+            xalign.info_nce(x, x, tile_size=tile)
+    with pytest.raises(ValueError, match="tile_size must be an int >= 1"):
+        xalign.cached_info_nce(nn.Linear(3, 3), x, x, chunk_size=2, tile_size=0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -249,6 +384,10 @@ DIST_CONFIGS = {
     "hard": dict(hard=True, hard_negative_weight=0.5),
     "all": dict(symmetric=True, groups=True, hard=True, hard_negative_weight=-0.2, temperature=0.1),
     "cached": dict(cached=True, symmetric=True, groups=True, hard=True, hard_negative_weight=0.5),
+    "tiled": dict(tile_size=3),                                 # 3 divides neither B = 4 nor W*B = 8
+    "tiled_all": dict(tile_size=3, symmetric=True, groups=True, hard=True, hard_negative_weight=-0.2,
+                      temperature=0.1),
+    "tiled_cached": dict(tile_size=3, cached=True, symmetric=True, groups=True, hard=True, hard_negative_weight=0.5),
 }
 
 
@@ -317,6 +456,10 @@ def test_two_processes_equal_one_process(tmp_path):
         for p, g in zip(lin.parameters(), d_grads):
             torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
             assert p.grad.abs().max() > 1e-3
+    for tiled, untiled in (("tiled", "plain"), ("tiled_all", "all"), ("tiled_cached", "cached")):
+        assert abs(results[tiled][0].item() - results[untiled][0].item()) < 1e-6, tiled
+        for g, ref in zip(results[tiled][1], results[untiled][1]):
+            torch.testing.assert_close(g, ref, rtol=0, atol=1e-5, msg=lambda m: f"{tiled}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,6 +538,27 @@ def test_cached_info_nce_equals_plain(chunk, with_hard):
         other = xalign.info_nce(plain_chunked(embed, xs, chunk), plain_chunked(embed, ys, chunk),
                                 hard_negatives=plain_chunked(embed, hs, chunk) if with_hard else None, **kw)
     assert abs(other.item() - ref.item()) > 1e-4
+
+
+def test_cached_info_nce_tiled_equals_untiled():
+    model = small_model(dropout=0.1).train()
+    embed = layer1_embed(model)
+    xs, ys, hs = (token_batch(5, 7, 40, seed=s, left=True) for s in (1, 2, 3))
+    kw = dict(temperature=0.1, symmetric=True, groups=torch.tensor([0, 1, 2, 0, 4]), hard_negative_weight=0.4)
+    runs = []
+    for tile in (None, 2):
+        torch.manual_seed(123)
+        loss = xalign.cached_info_nce(embed, xs, ys, 3, hard_inputs=hs, tile_size=tile, **kw)
+        runs.append((loss, {k: p.grad for k, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (loss_t, grads_t), (loss_u, grads_u) = runs[1], runs[0]
+    assert abs(loss_t.item() - loss_u.item()) < 1e-6
+    assert grads_u["blocks.0.attn.q.weight"].abs().max() > 1e-3
+    for k, g in grads_u.items():
+        if g is None:
+            assert grads_t[k] is None, k
+        else:
+            torch.testing.assert_close(grads_t[k], g, rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 def test_cached_info_nce_bad_chunk_size():
