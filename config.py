@@ -76,6 +76,8 @@ class TrainConfig:
     contrastive_weight: float = flag(1.0, "weight of the contrastive term L_MCL [1.0]")
     instruction_weight: float = flag(1.5, "weight of the instruction term L_CIF [1.5]")
     symmetric: bool = flag(False, "contrastive loss in both directions (the authors: x -> y only)")
+    contrastive_tile_size: int = flag(0, "compute the contrastive loss in tiles of this many pairs (exact; memory "
+                                         "linear in the pairs, for contrastive batches of many thousands); 0: at once")
     replay_weight: float = flag(1.0, "NOT in the paper: weight of a causal-LM loss on --replay-batch-size blocks "
                                      "of the base model's pretraining text, added to each alignment step against "
                                      "forgetting; 0 = the paper's method alone. The blocks count as alignment tokens")
@@ -175,6 +177,7 @@ def check_config(cfg):
          "the contrastive term needs 2 pairs or more a step (--align-batch-size / --align-pair-batch-size): "
          "the other pairs are its negatives"),
         (cfg.align_pair_batch_size >= 0, "--align-pair-batch-size must be >= 0"),
+        (cfg.contrastive_tile_size >= 0, "--contrastive-tile-size must be >= 0 (0: no tiles)"),
         (cfg.pretrain_batch_size % world_size == 0 and cfg.align_batch_size % world_size == 0
          and cfg.align_pair_batch_size % world_size == 0,
          f"batch sizes are global: they must be divisible by the {world_size} processes"),
@@ -198,7 +201,7 @@ def check_config(cfg):
 
 # flags that change no result, which --resume accepts changed (with the stage's learning rate)
 RESUME_FREE = {"stage", "preset", "resume", "out", "device", "compile", "eval", "grad_checkpointing", "log_every",
-               "eval_every", "eval_batches"}
+               "eval_every", "eval_batches", "contrastive_tile_size"}   # (tiles save memory, exact up to rounding)
 # flags of the other stage only, besides its --pretrain-* / --align-* ones: free while this stage resumes
 STAGE_ONLY = {"pretrain": {"arch", "n_layer", "n_head", "d_model", "dropout", "vocab_size"},
               "align": {"init", "pairs", "afp_jsonl", "bactrian", "cross_probability", "max_len", "temperature",

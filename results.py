@@ -17,7 +17,7 @@ from pathlib import Path
 
 TASKS = ("knowledge", "pawsx")
 SKIP_FLAGS = {"out", "init", "stage", "seed", "data_dir", "eval", "resume", "device", "compile",
-              "grad_checkpointing"}   # where and how a run ran, not how it was aligned
+              "grad_checkpointing", "contrastive_tile_size"}   # where and how a run ran, not how it was aligned
 BEFORE_THE_FLAG = {"replay_weight": 0.0}  # runs saved before --replay-weight existed trained without replay
 RENAMED = {"cl_weight": "contrastive_weight", "clm_weight": "instruction_weight"}  # in runs saved before the rename
 

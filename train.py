@@ -499,7 +499,7 @@ def align(cfg, env, world_dir, inputs):
                                 for d, t in zip((train_data, dev_data), texts))
     afp = xalign.AFPConfig(temperature=cfg.temperature, pooling=cfg.pooling, layer=cfg.layer,
                            contrastive_weight=cfg.contrastive_weight, instruction_weight=cfg.instruction_weight,
-                           symmetric=cfg.symmetric)
+                           symmetric=cfg.symmetric, tile_size=cfg.contrastive_tile_size or None)
     log(env, f"align: from {init} ({init_meta.get('step')} steps), {len(train_ex):,} training examples, "
              f"{cfg.align_steps} steps x {(cfg.align_pair_batch_size or cfg.align_batch_size) * cfg.grad_accum} pairs "
              f"and {cfg.align_batch_size * cfg.grad_accum} instruction rows, layer {cfg.layer} {cfg.pooling} pooling, "

@@ -21,6 +21,9 @@ Using the contrastive loss in another project:
 
 Under torch.distributed the negatives are gathered from every rank with their gradients, so N processes with
 B pairs each train exactly like one process with N*B pairs (after DDP's gradient averaging).
+For tens of thousands of pairs, `info_nce(..., tile_size=1024)` gives the same loss and gradients without ever
+holding the (B, B) similarity matrix (memory linear in B), and `cached_info_nce` bounds the encoder's
+activations as well.
 """
 
 import contextlib
@@ -61,7 +64,7 @@ def pool(hidden, attention_mask, mode="last"):
 # --------------------------------------------------------------------------------------------------------
 # Gathering across processes, with gradients
 
-def _world():
+def _rank_and_world_size():
     """(rank, world_size), (0, 1) when torch.distributed is not initialized."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -83,15 +86,15 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)                                   # sum over every rank's loss
-        rank, world = dist.get_rank(), dist.get_world_size()
-        n = grad.shape[0] // world
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        n = grad.shape[0] // world_size
         return grad[rank * n:(rank + 1) * n]
 
 
 def gather(x):
     """Rows of every rank concatenated in rank order (W*B, ...), differentiable; x itself when not distributed."""
-    rank, world = _world()
-    if world == 1:
+    rank, world_size = _rank_and_world_size()
+    if world_size == 1:
         return x
     return _GatherWithGrad.apply(x) if x.requires_grad else _GatherWithGrad.forward(None, x)
 
@@ -123,10 +126,10 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 1):
         raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
-    rank, world = _world()
+    rank, world_size = _rank_and_world_size()
     B = x.shape[0]
-    if B * world < 2:
-        raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {B * world}): with one pair there "
+    if B * world_size < 2:
+        raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {B * world_size}): with one pair there "
                          "is no negative and the loss is 0")
 
     # normalize in fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64
@@ -361,6 +364,7 @@ class AFPConfig:
     contrastive_weight: float = 1.0   # weight of L_MCL
     instruction_weight: float = 1.5   # weight of L_CIF
     symmetric: bool = False     # also the y -> x direction
+    tile_size: int | None = None      # info_nce's tiled path (exact; memory linear in the pairs); None: plain
 
 
 class AFPLoss(NamedTuple):
@@ -395,7 +399,8 @@ def afp_loss(model, batch, cfg=AFPConfig()):
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.contrastive_weight != 0):
         out = model(pair_ids, pair_mask, output_hidden_states=True, n_layers=layer, compute_logits=False)
         z = pool(out.hidden_states[layer], pair_mask, cfg.pooling)                      # (2B, D)
-        contrastive = info_nce(z[:B], z[B:], cfg.temperature, symmetric=cfg.symmetric, groups=batch.get("pair_groups"))
+        contrastive = info_nce(z[:B], z[B:], cfg.temperature, symmetric=cfg.symmetric, groups=batch.get("pair_groups"),
+                               tile_size=cfg.tile_size)
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.instruction_weight != 0):
         labels = batch["instr_labels"]
         at = scored_positions(labels)                            # the head runs on response positions only
