@@ -452,7 +452,7 @@ def bench_real(device, repeats):
                 memory_ratio=x["peak_bytes"] / t["peak_bytes"], loss_diff=abs(x["loss"] - t["loss"]))
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
@@ -466,25 +466,11 @@ def main():
     p.add_argument("--tiled-pairs", default="4096,16384,65536", help="pair counts of the tiled-InfoNCE section")
     p.add_argument("--child", choices=["plain", "cached", "real-xalign", "real-transformers", "loss-plain",
                                        "loss-tiled"], help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child in ("real-xalign", "real-transformers"):
-        return real_child(args.child, args.device, args.repeats)
-    if args.child in ("loss-plain", "loss-tiled"):
-        return tiled_child(args.child, args.pairs, args.tile, args.repeats)
-    tiled_pairs = [1024, 4096] if args.quick else [int(n) for n in args.tiled_pairs.split(",")]
-    if args.tiled:
-        rows = tiled_rows(bench_tiled(tiled_pairs, args.tile, args.repeats))
-        print(f"CPU, {torch.get_num_threads()} threads; one-way InfoNCE, tau 0.05, loss + backward; peak = the child "
-              "process's resident-set high-water mark minus its resident set once the inputs exist (after a warm-up "
-              "at 512 pairs)\n")
-        print("| figure | measured |\n|---|---|")
-        for name, value in rows:
-            print(f"| {name} | {value} |")
-        return
-    if args.child:
-        return contrastive_child(args.child, args.device, args.pairs, args.chunk)
-    if args.quick:
-        args.repeats, args.pairs = 3, 512
+    return p.parse_args()
+
+
+def measure(args, tiled_pairs):
+    """Every figure of the default run, as a dict (also what --json writes)."""
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -493,7 +479,6 @@ def main():
     else:
         autocast = lambda: torch.autocast("cpu", enabled=False)
         peak = matmul_peak(device, torch.float32, args.repeats)
-
     figures = dict(device=str(device), threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
     figures["pretrain"] = bench_train_step("pretrain", device, args.repeats, autocast, peak)
     figures["align"] = bench_train_step("align", device, args.repeats, autocast, peak)
@@ -510,8 +495,11 @@ def main():
         figures["eval_real"] = None if args.no_real else bench_eval(device, 2, real_shape=True)
     except ImportError:
         figures["real"] = dict(error="transformers is not installed (pip install -r requirements-dev.txt)")
+    return figures
 
-    f = figures
+
+def table_rows(f):
+    """(figure, measured) rows of the markdown table, from measure()'s dict."""
     rows = [("matmul peak", f"{f['matmul_peak_gflops']:.1f} GFLOP/s ({f['device']}, {f['threads']} threads)")]
     for stage in ("pretrain", "align"):
         s = f[stage]
@@ -542,9 +530,34 @@ def main():
         rows.append(("prefix-cached vs full scoring, 5-shot, XGLM-564M's shape",
                      f"{e['speedup']:.2f}x ({e['items_per_s_cached']:.2f} vs {e['items_per_s_full']:.2f} items/s), "
                      f"max diff {e['max_diff']:.1e}"))
+    return rows
+
+
+def print_table(rows):
     print("| figure | measured |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+
+
+def main():
+    args = parse_args()
+    if args.child in ("real-xalign", "real-transformers"):
+        return real_child(args.child, args.device, args.repeats)
+    if args.child in ("loss-plain", "loss-tiled"):
+        return tiled_child(args.child, args.pairs, args.tile, args.repeats)
+    if args.child:
+        return contrastive_child(args.child, args.device, args.pairs, args.chunk)
+    tiled_pairs = [1024, 4096] if args.quick else [int(n) for n in args.tiled_pairs.split(",")]
+    if args.tiled:
+        rows = tiled_rows(bench_tiled(tiled_pairs, args.tile, args.repeats))
+        print(f"CPU, {torch.get_num_threads()} threads; one-way InfoNCE, tau 0.05, loss + backward; peak = the child "
+              "process's resident-set high-water mark minus its resident set once the inputs exist (after a warm-up "
+              "at 512 pairs)\n")
+        return print_table(rows)
+    if args.quick:
+        args.repeats, args.pairs = 3, 512
+    figures = measure(args, tiled_pairs)
+    print_table(table_rows(figures))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)

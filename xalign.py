@@ -28,6 +28,7 @@ activations as well.
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -116,6 +117,27 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
     tile_size: None builds the (B, W*B) logits whole, fastest while they fit in memory; an int t gives the same
                loss and gradients from (t, t) tiles (tiled_cross_entropy) in O(W*B*D + t*t) memory.
     """
+    _check_info_nce_args(x, y, hard_negatives, groups, temperature, tile_size)
+    rank, B = _rank_and_world_size()[0], x.shape[0]
+    # fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64 stays float64)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
+    hard_negatives = hard_negatives.to(dtype) if hard_negatives is not None else None
+    all_groups = gather(groups) if groups is not None else None               # (W*B,)
+    cross_entropy = plain_cross_entropy if tile_size is None else partial(tiled_cross_entropy, tile_size=tile_size)
+
+    def loss_one_way(rows, cols, hard):
+        # the columns of every rank, raw: each path normalizes them itself
+        hard = gather(hard) if hard is not None else None                     # (W*B, D)
+        return cross_entropy(rows, gather(cols), hard, groups, all_groups, rank * B, temperature, hard_negative_weight)
+
+    loss = loss_one_way(x, y, hard_negatives)
+    if symmetric:
+        loss = (loss + loss_one_way(y, x, None)) / 2
+    return loss
+
+
+def _check_info_nce_args(x, y, hard_negatives, groups, temperature, tile_size):
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"info_nce: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, D)")
     if hard_negatives is not None and hard_negatives.shape != y.shape:
@@ -126,45 +148,30 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 1):
         raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
-    rank, world_size = _rank_and_world_size()
-    B = x.shape[0]
-    if B * world_size < 2:
-        raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {B * world_size}): with one pair there "
+    n_pairs = x.shape[0] * _rank_and_world_size()[1]
+    if n_pairs < 2:
+        raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {n_pairs}): with one pair there "
                          "is no negative and the loss is 0")
 
-    # normalize in fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64
-    # stays float64); eps keeps zero vectors finite
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+def plain_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight):
+    """One direction of info_nce with the (B, N) logits built whole: rows (B, D) against cols (N, D) (and hard
+    (N, D)), row i's positive at column offset + i; vectors normalized here (eps keeps zero vectors finite)."""
     unit = lambda t: F.normalize(t, dim=-1, eps=1e-8)                         # noqa: E731
-    x, y = x.to(dtype), y.to(dtype)
-    hard_negatives = hard_negatives.to(dtype) if hard_negatives is not None else None
-    target = torch.arange(B, device=x.device) + rank * B                      # own pair's column among all ranks'
-    all_groups = gather(groups) if groups is not None else None               # (W*B,)
-
-    def loss_one_way(rows, cols, hard):
-        # gather, then normalize: the same vectors (normalizing goes row by row), and the tiled path wants them raw
-        cols = gather(cols)                                                   # (W*B, D)
-        hard = gather(hard) if hard is not None else None                     # (W*B, D)
-        if tile_size is not None:                                             # normalizes inside
-            return tiled_cross_entropy(rows, cols, hard, groups, all_groups, rank * B, temperature,
-                                       hard_negative_weight, tile_size)
-        rows, cols = unit(rows), unit(cols)
-        logits = rows @ cols.T / temperature                                  # (B, W*B)
-        if groups is not None:
-            same = (groups[:, None] == all_groups[None, :])
-            same[torch.arange(B, device=x.device), target] = False            # the positive itself stays
-            logits = logits.masked_fill(same, float("-inf"))
-        if hard is not None:
-            hard_logits = rows @ unit(hard).T / temperature
-            bonus = torch.zeros_like(hard_logits)
-            bonus[torch.arange(B, device=x.device), target] = hard_negative_weight
-            logits = torch.cat([logits, hard_logits + bonus], dim=1)          # (B, 2*W*B)
-        return F.cross_entropy(logits, target)
-
-    loss = loss_one_way(x, y, hard_negatives)
-    if symmetric:
-        loss = (loss + loss_one_way(y, x, None)) / 2
-    return loss
+    own = torch.arange(rows.shape[0], device=rows.device)                    # (B,)
+    target = own + offset                                                     # own pair's column among all ranks'
+    rows = unit(rows)
+    logits = rows @ unit(cols).T / temperature                                # (B, N)
+    if row_groups is not None:
+        same = (row_groups[:, None] == col_groups[None, :])
+        same[own, target] = False                                             # the positive itself stays
+        logits = logits.masked_fill(same, float("-inf"))
+    if hard is not None:
+        hard_logits = rows @ unit(hard).T / temperature
+        bonus = torch.zeros_like(hard_logits)
+        bonus[own, target] = hard_weight
+        logits = torch.cat([logits, hard_logits + bonus], dim=1)              # (B, 2N)
+    return F.cross_entropy(logits, target)
 
 
 def tiled_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile_size):
