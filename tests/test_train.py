@@ -451,7 +451,7 @@ def test_tiled_contrastive_loss_trains_like_the_plain_one(run_dir, tmp_path, mon
             "--align-pair-batch-size", "16"]
     train.main([*args, "--out", str(tmp_path / "plain")])
     calls, real = [], xalign.tiled_cross_entropy
-    monkeypatch.setattr(xalign, "tiled_cross_entropy", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(xalign, "tiled_cross_entropy", lambda *a, tile_size: calls.append(tile_size) or real(*a, tile_size))
     train.main([*args, "--out", str(tmp_path / "tiled"), "--contrastive-tile-size", "5"])
     assert calls and set(calls) == {5}                          # the tiled path ran, with the flag's tile size
     plain, tiled = last_train_record(tmp_path / "plain", "align"), last_train_record(tmp_path / "tiled", "align")
