@@ -121,8 +121,8 @@ class ConfigError(ValueError):
 # -----------------------------------------------------------------------------
 # flags -> TrainConfig
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         name, kw = "--" + f.name.replace("_", "-"), dict(f.metadata)
         kw["help"] += f" (default: {f.default})" if f.default not in ((), "") else ""
@@ -135,9 +135,10 @@ def build_parser():
     return p
 
 
-def parse_config(argv=None):
-    """Flags -> TrainConfig: the dataclass defaults, then the preset, then the flags given."""
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()}
+def parse_config(argv=None, description=None):
+    """Flags -> TrainConfig: the dataclass defaults, then the preset, then the flags given. description: --help's."""
+    args = vars(build_parser(description).parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     cfg = TrainConfig(**{**PRESETS[given.get("preset", "default")], **given})
     if cfg.stage == "align" and not cfg.text and "replay_weight" not in given and hf.is_hf_checkpoint(init_dir(cfg)):
         cfg = replace(cfg, replay_weight=0.0)  # a Hugging Face base carries no pretraining text to replay
@@ -202,6 +203,8 @@ def check_config(cfg):
 # flags that change no result, which --resume accepts changed (with the stage's learning rate)
 RESUME_FREE = {"stage", "preset", "resume", "out", "device", "compile", "eval", "grad_checkpointing", "log_every",
                "eval_every", "eval_batches", "contrastive_tile_size"}   # (tiles save memory, exact up to rounding)
+# flags renamed since: a run saved before the rename keeps its old key in config.json
+RENAMED = {"cl_weight": "contrastive_weight", "clm_weight": "instruction_weight"}
 # flags of the other stage only, besides its --pretrain-* / --align-* ones: free while this stage resumes
 STAGE_ONLY = {"pretrain": {"arch", "n_layer", "n_head", "d_model", "dropout", "vocab_size"},
               "align": {"init", "pairs", "afp_jsonl", "bactrian", "cross_probability", "max_len", "temperature",
@@ -223,7 +226,7 @@ def same_setting(key, saved, now, out):
 
 def check_resume(cfg):
     """--resume continues a run with the flags it started with. Only the stage's learning rate (which takes
-    effect from the step resumed at; train_stage logs it) and the flags of RESUME_FREE may differ; any other
+    effect from the step resumed at; train.resume logs it) and the flags of RESUME_FREE may differ; any other
     change is refused here, before any work, rather than silently ignored."""
     stages = ("pretrain", "align") if cfg.stage == "all" else (cfg.stage,)
     for stage in stages:
@@ -233,7 +236,7 @@ def check_resume(cfg):
                      if (d / "config.json").is_file()), None)
         if path is None:
             continue
-        saved = json.loads(path.read_text()).get("train", {})
+        saved = {RENAMED.get(k, k): v for k, v in json.loads(path.read_text()).get("train", {}).items()}
         other = {"pretrain": "align", "align": "pretrain"}[stage]     # the other stage's flags may differ
         for k, v in asdict(cfg).items():
             if k in RESUME_FREE or k == f"{stage}_lr" or k.startswith(other + "_") or k in STAGE_ONLY[other] \
@@ -265,7 +268,7 @@ def check_inputs(cfg):
             raise ConfigError(f"no such file: {path}")
     if cfg.data_dir and not (Path(cfg.data_dir) / "world.json").is_file():
         raise ConfigError(f"--data-dir {cfg.data_dir} is not a toy world (no world.json); make one with "
-                          "`python data.py toy --out DIR` or leave --data-dir out")
+                          "`python toyworld.py --out DIR` or leave --data-dir out")
     if cfg.resume:
         check_resume(cfg)
     if cfg.replay_weight < 0 or (cfg.replay_weight and cfg.replay_batch_size < 1):

@@ -19,7 +19,6 @@ TASKS = ("knowledge", "pawsx")
 SKIP_FLAGS = {"out", "init", "stage", "seed", "data_dir", "eval", "resume", "device", "compile",
               "grad_checkpointing", "contrastive_tile_size"}   # where and how a run ran, not how it was aligned
 BEFORE_THE_FLAG = {"replay_weight": 0.0}  # runs saved before --replay-weight existed trained without replay
-RENAMED = {"cl_weight": "contrastive_weight", "clm_weight": "instruction_weight"}  # in runs saved before the rename
 
 
 def load_run(run_dir):
@@ -90,7 +89,7 @@ def seeds_table(run_dirs):
 def changed_flags(cfg):
     """The training flags of cfg that differ from train.py's defaults, as a command line would give them."""
     import config  # the defaults live there; imported here so that the seeds table needs no torch
-    flags, cfg = [], {**BEFORE_THE_FLAG, **{RENAMED.get(k, k): v for k, v in cfg.items()}}
+    flags, cfg = [], {**BEFORE_THE_FLAG, **{config.RENAMED.get(k, k): v for k, v in cfg.items()}}
     for f in fields(config.TrainConfig):
         default = list(f.default) if isinstance(f.default, tuple) else f.default    # JSON has lists
         if f.name not in SKIP_FLAGS and f.name in cfg and cfg[f.name] != default:

@@ -172,16 +172,17 @@ def n_tokens(batch):
 
 
 def train_flops(model, batch, layer):
-    """Training FLOPs of a batch as model.flops_per_token counts them: the real tokens of LM and instruction
-    rows through the whole model at their row width, those of pair rows through the `layer` blocks they run
-    (no head), so that the two stages' compute compares fairly."""
-    flops = 0.0
-    for ids, mask in (("input_ids", "attention_mask"), ("instr_ids", "instr_mask")):
-        if ids in batch:
-            flops += float(batch[mask].sum()) * model.flops_per_token(batch[ids].shape[1])
+    """Training FLOPs of a batch as model.flops_per_token counts them, each row through what it runs: LM rows
+    through the whole model; instruction rows through the blocks, and the head at their scored (response)
+    positions only; pair rows through the `layer` blocks below the pooled state. Real tokens only."""
+    head, n_layer, flops = 6 * model.head.weight.numel(), model.cfg.n_layer, 0.0     # head: training FLOPs/token
+    if "input_ids" in batch:
+        flops += float(batch["attention_mask"].sum()) * model.flops_per_token(batch["input_ids"].shape[1])
+    if "instr_ids" in batch:
+        blocks = model.flops_per_token(batch["instr_ids"].shape[1]) - head
+        flops += float(batch["instr_mask"].sum()) * blocks + float((batch["instr_labels"] != -100).sum()) * head
     if "pair_ids" in batch:
-        n_layer = model.cfg.n_layer
-        per_block = (model.flops_per_token(batch["pair_ids"].shape[1]) - 6 * model.head.weight.numel()) / n_layer
+        per_block = (model.flops_per_token(batch["pair_ids"].shape[1]) - head) / n_layer
         flops += float(batch["pair_mask"].sum()) * per_block * (layer if layer >= 0 else layer + n_layer + 1)
     return flops
 
@@ -338,7 +339,7 @@ def train(stage: Stage, cfg, env):
                     tokens=progress.tokens, tok_s=round(tok_s, 1), time=time.time())
             # evaluate on dev: keep the best checkpoint, and the last one to resume from
             if progress.step % eval_every == 0 or progress.step == stage.steps:
-                if evaluate(stage, cfg, env, progress):
+                if evaluate_dev(stage, cfg, env, progress):
                     save(best_dir)
                 save(last_dir, opt, sched)
             # Ctrl-C: save and stop, every rank at the same step
@@ -397,7 +398,7 @@ def check_finite(stage, losses, grad_norm, step, last_dir, eval_every):
 
 
 @torch.no_grad()
-def evaluate(stage, cfg, env, progress):
+def evaluate_dev(stage, cfg, env, progress):
     """Mean of each loss part over the first cfg.eval_batches dev batches (the same ones every time) over all
     ranks, logged; True when the dev loss is the best so far (progress.best_dev is updated)."""
     stage.model.eval()
@@ -564,7 +565,7 @@ def report(cfg, env, world_dir):
 # 7. main
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, description=__doc__)
     check_inputs(cfg)
     inputs = read_inputs(cfg)  # every error up to here comes before any work
     env = setup_env(cfg)
@@ -577,11 +578,11 @@ def main(argv=None):
             pretrain(cfg, env, world_dir, inputs)
         if cfg.stage in ("align", "all"):
             align(cfg, env, world_dir, inputs)
-        if cfg.stage == "all" and cfg.eval and env.master:
-            return report(cfg, env, world_dir)
+        results = report(cfg, env, world_dir) if cfg.stage == "all" and cfg.eval and env.master else None
+        barrier(env)  # no rank tears the group down while another still talks to it (not after a crash: that hangs)
+        return results
     finally:
         if env.ddp:
-            dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
 
 

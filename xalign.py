@@ -27,6 +27,7 @@ activations as well.
 """
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -118,6 +119,11 @@ def info_nce(x, y, temperature=0.05, symmetric=False, hard_negatives=None, hard_
                loss and gradients from (t, t) tiles (tiled_cross_entropy) in O(W*B*D + t*t) memory.
     """
     _check_info_nce_args(x, y, hard_negatives, groups, temperature, tile_size)
+    with _no_autocast(x):       # under autocast the plain path's matmul would run in bf16
+        return _info_nce(x, y, temperature, symmetric, hard_negatives, hard_negative_weight, groups, tile_size)
+
+
+def _info_nce(x, y, temperature, symmetric, hard_negatives, hard_negative_weight, groups, tile_size):
     rank, B = _rank_and_world_size()[0], x.shape[0]
     # fp32 or wider (bf16 cosines at tau=0.01 would round to steps of ~0.8 in the logits; float64 stays float64)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
@@ -146,12 +152,19 @@ def _check_info_nce_args(x, y, hard_negatives, groups, temperature, tile_size):
         raise ValueError(f"info_nce: groups {tuple(groups.shape)} must be ({x.shape[0]},)")
     if not temperature > 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
-    if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 1):
-        raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
+    _check_tile_size(tile_size)
+    if tile_size is not None and isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError("info_nce: the tiled path takes a fixed temperature; a learned one needs tile_size=None")
     n_pairs = x.shape[0] * _rank_and_world_size()[1]
     if n_pairs < 2:
         raise ValueError(f"info_nce: needs at least 2 pairs in the batch (got {n_pairs}): with one pair there "
                          "is no negative and the loss is 0")
+
+
+def _check_tile_size(tile_size):
+    if tile_size is not None and not (isinstance(tile_size, numbers.Integral) and not isinstance(tile_size, bool)
+                                      and tile_size >= 1):
+        raise ValueError(f"info_nce: tile_size must be an int >= 1 (or None: no tiling), got {tile_size!r}")
 
 
 def plain_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight):
@@ -191,12 +204,13 @@ def tiled_cross_entropy(rows, cols, hard, row_groups, col_groups, offset, temper
 
 
 class _TiledCrossEntropy(torch.autograd.Function):
-    """tiled_cross_entropy's loss and exact gradients; autograd keeps no (B, N) tensor, only lse (B,).
+    """tiled_cross_entropy's loss and exact gradients. Saved for backward: the unit vectors (B + 2N, D), their
+    norms and lse (B,); no (B, N) tensor.
 
     With u = x / max(|x|, eps) for rows, cols and hard alike and s_ij = u_i . v_j / tau, forward folds the tiles
     into a running log-sum-exp per row (online: the running max is inside logaddexp),
         lse_i <- max(lse_i, b_i) + log(exp(lse_i - max) + exp(b_i - max)),   b_i = log sum_{j in tile} exp(s_ij)
-    from lse_i = -inf. Backward recomputes each tile's probabilities p_ij = exp(s_ij - lse_i) (0 where masked)
+    from lse_i = -inf (torch.logaddexp(-inf, -inf) is -inf, where the formula would give nan). Backward recomputes each tile's probabilities p_ij = exp(s_ij - lse_i) (0 where masked)
     and, with g the incoming gradient,
         dL/ds_ij = g * (p_ij - [j == t_i]) / B          (hard columns: p_ij only, the bonus being a constant)
         dL/du_i  = sum_j dL/ds_ij * v_j / tau,          dL/dv_j = sum_i dL/ds_ij * u_i / tau
@@ -207,7 +221,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, cols, hard, row_groups, col_groups, offset, temperature, hard_weight, tile):
         B = rows.shape[0]
-        ctx.config = (offset, 1 / temperature, hard_weight, tile)
+        ctx.config = (offset, 1 / float(temperature), hard_weight, tile)
         with _no_autocast(rows):
             (rows, r_norm), (cols, c_norm) = _unit(rows), _unit(cols)
             hard, h_norm = _unit(hard) if hard is not None else (None, None)
@@ -225,21 +239,21 @@ class _TiledCrossEntropy(torch.autograd.Function):
         rows, cols, hard, r_norm, c_norm, h_norm, row_groups, col_groups, lse = ctx.saved_tensors
         offset, inv_tau = ctx.config[:2]
         B = rows.shape[0]
-        alpha = grad.item() * inv_tau / B             # g/B from dL/ds, 1/tau from ds/du: a number for addmm_
+        alpha = inv_tau / B                           # 1/B from dL/ds, 1/tau from ds/du; g is applied at the end
         with _no_autocast(rows):
             d_rows, d_cols = torch.zeros_like(rows), torch.zeros_like(cols)
-            d_hard = torch.zeros_like(hard) if hard is not None else None
+            d_hard = torch.zeros_like(hard) if hard is not None and ctx.needs_input_grad[2] else None
             for r0, r1, c0, c1, is_hard, s in _tiles(rows, cols, hard, row_groups, col_groups, *ctx.config, lse):
                 p = s.exp_()                                                  # (tr, tc) p_ij in place; masked: 0
                 src, d_src = (hard, d_hard) if is_hard else (cols, d_cols)
                 d_rows[r0:r1].addmm_(p, src[c0:c1], alpha=alpha)              # in place: no (tr, D) temporary
-                d_src[c0:c1].addmm_(p.T, rows[r0:r1], alpha=alpha)
+                if d_src is not None:
+                    d_src[c0:c1].addmm_(p.T, rows[r0:r1], alpha=alpha)
             d_rows.sub_(cols[offset:offset + B], alpha=alpha)                 # the -[j == t_i] term
             d_cols[offset:offset + B].sub_(rows, alpha=alpha)
-            _unit_backward_(d_rows, rows, r_norm)
-            _unit_backward_(d_cols, cols, c_norm)
-            if hard is not None:
-                _unit_backward_(d_hard, hard, h_norm)
+            for d, t, norm in ((d_rows, rows, r_norm), (d_cols, cols, c_norm), (d_hard, hard, h_norm)):
+                if d is not None:                     # g as a tensor: no host sync on CUDA
+                    _unit_backward_(d.mul_(grad), t, norm)
         return d_rows, d_cols, d_hard, None, None, None, None, None, None
 
 
@@ -270,8 +284,8 @@ def _tiles(rows, cols, hard, row_groups, col_groups, offset, inv_tau, hard_weigh
                 s = torch.addmm(shift[r0:r1, None], rows[r0:r1], src[c0:c1].T, beta=-1, alpha=inv_tau)  # (tr, tc)
                 if is_hard or row_groups is not None:
                     positive = torch.arange(c0, c1, device=s.device)[None, :] == t[:, None]      # (tr, tc)
-                    if is_hard:
-                        s.add_(positive.to(s.dtype), alpha=hard_weight)   # w in s's dtype, not bool*w's fp32
+                    if is_hard:                                               # the bonus w on t_i only
+                        s = torch.where(positive, s + hard_weight, s)     # (w = -inf drops it, as untiled)
                     else:                                                     # a duplicate, not the pair itself
                         same = (row_groups[r0:r1, None] == col_groups[None, c0:c1]) & ~positive
                         s.masked_fill_(same, float("-inf"))
@@ -315,6 +329,7 @@ def cached_info_nce(embed, x_inputs, y_inputs, chunk_size, hard_inputs=None, **i
     """
     if chunk_size < 1:
         raise ValueError(f"cached_info_nce: chunk_size must be >= 1, got {chunk_size}")
+    _check_tile_size(info_nce_kwargs.get("tile_size"))                       # before any chunk is embedded
     groups = [x_inputs, y_inputs] + ([hard_inputs] if hard_inputs is not None else [])
     groups = [g if isinstance(g, (tuple, list)) else (g,) for g in groups]
     chunked = [list(zip(*(t.split(chunk_size) for t in g))) for g in groups]   # per input: list of chunk tuples

@@ -39,7 +39,8 @@ def words_of(text):
 
 def test_default_world_is_byte_identical_to_the_recorded_one(big, tmp_path):
     """RESULTS.md's figures rest on this world: every file of seed 0 has the sha256 recorded in
-    tests/toyworld_seed0.sha256 (written by `python toyworld.py --out DIR` when the world last changed)."""
+    tests/toyworld_seed0.sha256. A change to the world that is meant must rewrite that file, from the new world:
+    `python toyworld.py --out W --vocab-size 0 && (cd W && find . -type f | sort | sed 's|^./||' | xargs sha256sum)`."""
     toyworld.write_world(big, tmp_path)
     recorded = dict(line.split()[::-1] for line in (REPO / "tests/toyworld_seed0.sha256").read_text().splitlines())
     now = {name: hashlib.sha256(content).hexdigest() for name, content in files(tmp_path).items()}

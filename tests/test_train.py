@@ -339,6 +339,22 @@ def test_bad_input_files_stop_the_run_before_pretraining(world, tmp_path):
         assert not (out / "base").exists() and not (out / "aligned").exists()
 
 
+def test_a_non_finite_gradient_stops_the_run_too(world, tmp_path, monkeypatch):
+    args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
+    at_step(monkeypatch, 2, lambda losses, grad_norm, *rest: (losses, float("inf"), *rest))
+    with pytest.raises(train.Diverged, match=r"\(grad norm inf\) at step 2"):
+        train.main(args)
+
+
+def test_resume_reads_flags_saved_under_their_old_names(tmp_path):
+    """A run saved before --cl-weight became --contrastive-weight: its value still counts."""
+    (tmp_path / "aligned.last").mkdir()
+    (tmp_path / "aligned.last/config.json").write_text(json.dumps({"train": {"cl_weight": 0.5}}))
+    cfg = config.parse_config(["--stage", "align", "--init", str(tmp_path), "--out", str(tmp_path), "--resume"])
+    with pytest.raises(config.ConfigError, match="--contrastive-weight was 0.5 when"):
+        config.check_resume(cfg)
+
+
 def test_divergence_before_the_first_save_says_so(world, tmp_path, monkeypatch):
     args = [*TINY, "--data-dir", world, "--stage", "pretrain", "--eval-every", "5", "--out", str(tmp_path)]
     nan_at(monkeypatch, 3)
@@ -424,8 +440,11 @@ def test_cut_and_repeated_alignment_rows_are_reported(run_dir, tmp_path, capsys)
     assert f"{want_long} pairs and {want_long} instruction rows are longer than --max-len 64" in capsys.readouterr().out
 
 
-def test_help_shows_no_test_hooks_and_one_flag_per_setting():
-    text = config.build_parser().format_help()
+def test_help_shows_no_test_hooks_and_one_flag_per_setting(capsys):
+    with pytest.raises(SystemExit, match="0"):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    assert "python train.py --preset tiny" in text                # train.py's usage, not config.py's docstring
     assert "debug" not in text and "--steps" not in text and "--pretrain-steps" in text
     with pytest.raises(SystemExit, match="2"):                   # argparse: unrecognized arguments
         config.parse_config(["--steps", "5"])                  # the old shorthand is gone, not silently kept
@@ -434,12 +453,15 @@ def test_help_shows_no_test_hooks_and_one_flag_per_setting():
 def test_train_flops_counts_pair_rows_through_their_blocks_only():
     model = Decoder(ModelConfig(vocab_size=50, max_seq_len=32, n_layer=4, n_head=2, d_model=16))
     mask = lambda n, T, real: (torch.arange(T)[None, :] < torch.tensor(real)[:, None]).long()
+    labels = torch.full((2, 10), -100)
+    labels[0, 6:], labels[1, 4:7] = 5, 5                        # 4 + 3 scored (response) positions
     batch = dict(pair_ids=torch.zeros(4, 6, dtype=torch.long), pair_mask=mask(4, 6, [6, 5, 4, 6]),
-                 instr_ids=torch.zeros(2, 10, dtype=torch.long), instr_mask=mask(2, 10, [10, 7]),
+                 instr_ids=torch.zeros(2, 10, dtype=torch.long), instr_mask=mask(2, 10, [10, 7]), instr_labels=labels,
                  input_ids=torch.zeros(3, 8, dtype=torch.long), attention_mask=mask(3, 8, [8, 8, 2]))
     head = 2 * 50 * 16                                          # forward FLOPs per token of the (tied) head
     one_block = (model.flops_per_token(6, training=False) - head) / 4
-    want = 17 * model.flops_per_token(10) + 18 * model.flops_per_token(8) + 21 * 3 * one_block * 1
+    instr = 17 * (model.flops_per_token(10) - 3 * head) + 7 * 3 * head   # the head runs where the loss is read
+    want = instr + 18 * model.flops_per_token(8) + 21 * 3 * one_block * 1
     assert train.train_flops(model, batch, layer=1) == pytest.approx(want)
     assert train.train_flops(model, batch, layer=-1) == pytest.approx(want + 21 * 3 * one_block * 3)
 

@@ -243,8 +243,8 @@ def test_info_nce_gradcheck(case, tile):
 
 def test_tiled_edge_cases():
     x, y, _ = rand_pairs(B=6, D=8, seed=4, dtype=torch.float64)
-    # duplicates: at tile 1, row 1's first tile (column 0, its duplicate) is masked whole; a -inf start would
-    # compute exp(-inf + inf) = nan there
+    # duplicates: at tile 1, row 1's first tile (column 0, its duplicate) is masked whole: its running
+    # log-sum-exp must stay -inf there (logaddexp(-inf, -inf)), not become nan
     for groups in (torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 1, 1, 2, 2])):
         for tile in (1, 4):
             a, b = (loss_and_grads(leaves(x, y), lambda x, y: xalign.info_nce(
@@ -312,11 +312,35 @@ def test_tiled_never_builds_a_large_tensor():
 
 def test_tiled_bad_tile_size():
     x = torch.randn(4, 3)
-    for tile in (0, -1, 1.5, "8"):
+    for tile in (0, -1, 1.5, "8", True):
         with pytest.raises(ValueError, match="tile_size must be an int >= 1"):
             xalign.info_nce(x, x, tile_size=tile)
-    with pytest.raises(ValueError, match="tile_size must be an int >= 1"):
-        xalign.cached_info_nce(nn.Linear(3, 3), x, x, chunk_size=2, tile_size=0)
+    calls = []
+    with pytest.raises(ValueError, match="tile_size must be an int >= 1"):   # before any chunk is embedded
+        xalign.cached_info_nce(lambda t: calls.append(t) or t, x, x, chunk_size=2, tile_size=0)
+    assert calls == []
+    tau = torch.tensor(0.05, requires_grad=True)
+    with pytest.raises(ValueError, match="fixed temperature"):
+        xalign.info_nce(x, x, temperature=tau, tile_size=2)
+
+
+def test_tiled_and_plain_compute_in_fp32_under_autocast():
+    """Under bf16 autocast (train.py's on CUDA) both paths still compute the logits in fp32: they agree with
+    each other and with fp32 outside autocast, at tau 0.01 where bf16 logits would differ visibly."""
+    x, y, _ = rand_pairs(B=16, D=32, seed=5, dtype=torch.float32)
+    want = xalign.info_nce(x, y, temperature=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = xalign.info_nce(x, y, temperature=0.01)
+        tiled = xalign.info_nce(x, y, temperature=0.01, tile_size=5)
+    assert plain.dtype == tiled.dtype == torch.float32
+    assert abs(plain.item() - want.item()) < 1e-5 and abs(tiled.item() - want.item()) < 1e-5
+
+
+def test_tiled_hard_weight_minus_infinity_drops_the_own_hard_negative():
+    x, y, h = rand_pairs(B=6, D=8, seed=6)
+    plain = xalign.info_nce(x, y, hard_negatives=h, hard_negative_weight=float("-inf"))
+    tiled = xalign.info_nce(x, y, hard_negatives=h, hard_negative_weight=float("-inf"), tile_size=4)
+    assert torch.isfinite(plain) and abs(plain.item() - tiled.item()) < 1e-10
 
 
 # --------------------------------------------------------------------------------------------------------
