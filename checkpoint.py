@@ -20,21 +20,33 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError
+from model import CheckpointError
 
 
 def save_checkpoint(path, model, tokenizer, meta, state=None):
-    """Write <path>.tmp, fsync it, then swap it in: a crash leaves the old checkpoint or the new one (at
-    <path>.old between the two renames, where recover_checkpoint finds it)."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """model.pt, config.json (meta), tokenizer.json and state.pt (when given) in the directory path, atomically."""
+    tmp = fresh_tmp(path)
     torch.save(model.state_dict(), tmp / "model.pt")
     (tmp / "config.json").write_text(json.dumps(meta, indent=1))
     tokenizer.save(tmp / "tokenizer.json")
     if state is not None:
         torch.save(state, tmp / "state.pt")
+    swap_in(tmp, path)
+
+
+def fresh_tmp(path):
+    """An empty <path>.tmp to write a directory's new content into before swap_in."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp, path):
+    """Make the written directory tmp the directory path: fsync it, then swap: a crash leaves the old content
+    or the new one (at <path>.old between the two renames, where recover_checkpoint finds it)."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
     for f in [*tmp.iterdir(), tmp]:
         fsync(f)
     if path.exists():
@@ -85,7 +97,7 @@ def load_state(ckpt_dir):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for a truncated or foreign file
-        raise ConfigError(f"--resume: {path} does not load safely (weights_only): not a state file of this project, "
+        raise CheckpointError(f"--resume: {path} does not load safely (weights_only): not a state file of this project, "
                           "or one written before xalign stored its random state as tensors and lists, which cannot "
                           f"be resumed: start the stage again ({type(e).__name__})") from None
 

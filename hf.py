@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, processors
 
+from checkpoint import fresh_tmp, swap_in
 from model import CheckpointError, Decoder, ModelConfig
 
 FAMILIES = ("gpt2", "xglm", "bloom", "llama", "qwen2")
@@ -366,13 +367,11 @@ def with_bos(tokenizer):
 def save_hf(model, tokenizer, out_dir, base=None):
     """Write model in its family's layout (config.json, model.safetensors, tokenizer.json), so that transformers,
     lm-evaluation-harness and vLLM load it as they load the base. base: the base checkpoint's directory, whose
-    config.json fields and tokenizer/generation files are kept. Written next to out_dir, then renamed into place."""
+    config.json fields and tokenizer/generation files are kept. Written next to out_dir, then swapped in atomically."""
     from safetensors.torch import save_file
     out_dir, base = Path(out_dir), Path(base) if base else None
     base_config = read_config(base) if base and is_hf_checkpoint(base) else None
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out_dir)
     config = config_to_hf(model.cfg, base_config)
     config.update({k: v for k, v in (("bos_token_id", tokenizer.bos), ("eos_token_id", tokenizer.eos),
                                      ("pad_token_id", tokenizer.pad)) if k not in config or config[k] is None})
@@ -389,12 +388,7 @@ def save_hf(model, tokenizer, out_dir, base=None):
         (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class="PreTrainedTokenizerFast", bos_token=token(tokenizer.bos), eos_token=token(tokenizer.eos),
             pad_token=token(tokenizer.pad), model_max_length=model.cfg.max_seq_len), indent=2))
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():                          # a crash leaves the old one in place, or here
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, out_dir)
     return out_dir
 
 

@@ -14,6 +14,7 @@ import torch
 
 import config
 import data
+import hf
 import toyworld
 import train
 import xalign
@@ -182,7 +183,7 @@ def test_resume_never_runs_code_from_state_pt(world, tmp_path, monkeypatch):
     torch.load(state, weights_only=True)                               # what we write loads safely
     marker = tmp_path / "ran"
     torch.save(dict(torch.load(state, weights_only=True), payload=Payload(str(marker))), state)
-    with pytest.raises(train.ConfigError, match="state.pt does not load safely"):
+    with pytest.raises(hf.CheckpointError, match="state.pt does not load safely"):
         train.main([*args, "--resume"])
     assert not marker.exists()
 
