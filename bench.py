@@ -549,15 +549,16 @@ def main():
         return contrastive_child(args.child, args.device, args.pairs, args.chunk)
     tiled_pairs = [1024, 4096] if args.quick else [int(n) for n in args.tiled_pairs.split(",")]
     if args.tiled:
-        rows = tiled_rows(bench_tiled(tiled_pairs, args.tile, args.repeats))
+        figures = dict(tiled=bench_tiled(tiled_pairs, args.tile, args.repeats))
         print(f"CPU, {torch.get_num_threads()} threads; one-way InfoNCE, tau 0.05, loss + backward; peak = the child "
               "process's resident-set high-water mark minus its resident set once the inputs exist (after a warm-up "
               "at 512 pairs)\n")
-        return print_table(rows)
-    if args.quick:
-        args.repeats, args.pairs = 3, 512
-    figures = measure(args, tiled_pairs)
-    print_table(table_rows(figures))
+        print_table(tiled_rows(figures["tiled"]))
+    else:
+        if args.quick:
+            args.repeats, args.pairs = 3, 512
+        figures = measure(args, tiled_pairs)
+        print_table(table_rows(figures))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)
