@@ -349,9 +349,9 @@ def replay_source(cfg):
     if hf.is_hf_checkpoint(init_dir(cfg)):  # a Hugging Face base carries no pretraining text
         return None
     meta = json.loads((Path(init_dir(cfg)) / "config.json").read_text())
-    files, world = meta.get("train", {}).get("text"), meta.get("data_dir")
+    files, world_dir = meta.get("train", {}).get("text"), meta.get("data_dir")
     if files and all(Path(f).is_file() for f in files):
         return tuple(files), None
-    if world and (Path(world) / "pretrain.txt").is_file():
-        return (), Path(world)
+    if world_dir and (Path(world_dir) / "pretrain.txt").is_file():
+        return (), Path(world_dir)
     return None

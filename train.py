@@ -492,8 +492,8 @@ def align(cfg, env, world_dir, inputs):
     train_data, dev_data = data.AlignData(train_ex, **args), data.AlignData(dev_ex, **args)
     report_long_and_duplicate_rows(env, train_ex, train_data, cfg.max_len)
     if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
-        files, world = replay_source(cfg)
-        texts = inputs.text or pretrain_texts(replace(cfg, text=files), world)
+        files, replay_world = replay_source(cfg)
+        texts = inputs.text or pretrain_texts(replace(cfg, text=files), replay_world)
         args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
                     rank=env.rank, world_size=env.world_size)
         train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))

@@ -37,6 +37,18 @@ def test_tokenizer_specials_round_trip_and_save(world, tok, tmp_path):
     assert tok.tokenizer.to_str() == data.train_tokenizer(world.training_texts(), 1024).tokenizer.to_str()  # deterministic
 
 
+def test_encode_adds_no_specials_even_where_the_tokenizer_would(tok):
+    """A checkpoint's tokenizer may prepend BOS itself (XGLM, Llama 3); TextTokenizer's encode never does:
+    the callers place the specials."""
+    from tokenizers import Tokenizer, processors
+    inner = Tokenizer.from_str(tok.tokenizer.to_str())
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", data.BOS)])
+    assert inner.encode("the cat").ids[0] == data.BOS                # the tokenizer alone adds it
+    wrapped = data.TextTokenizer(inner, data.BOS, data.EOS, data.PAD)
+    assert wrapped.encode("the cat").ids == inner.encode("the cat").ids[1:]
+    assert [e.ids for e in wrapped.encode_batch(["the cat"])] == [inner.encode("the cat").ids[1:]]
+
+
 def test_non_latin_language_shares_no_subword_with_english(world, tok):
     vocab = {}
     for lang in ("en", "xb"):
