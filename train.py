@@ -142,6 +142,11 @@ def get_tokenizer(cfg, env, texts):
 # -----------------------------------------------------------------------------
 # 2. the two objectives: a batch -> dict of scalar losses, "loss" being the one to minimise
 
+def pretrain_blocks(docs, cfg, env, tokenizer, batch_size):
+    """Causal-LM blocks of docs for this rank (pretraining, and the replayed text of the align stage)."""
+    return data.PretrainData(docs, tokenizer, cfg.block_size, batch_size, cfg.seed, env.rank, env.world_size)
+
+
 def lm_loss(model, batch):
     logits = model(batch["input_ids"], batch["attention_mask"]).logits          # (B, T, V)
     return {"loss": xalign.clm_loss(logits, batch["labels"])}
@@ -377,24 +382,22 @@ def forward_backward(fwd, stage, cfg, env, step):
         vals = torch.stack([v.detach().float() for v in parts.values()])
         parts_sum = vals if parts_sum is None else parts_sum + vals
     counts = torch.tensor([float(n_tok), flops], dtype=torch.float64, device=parts_sum.device)
-    if env.ddp:  # the loss parts averaged over ranks, the counts summed
-        dist.all_reduce(parts_sum)
-        parts_sum /= env.world_size
-        dist.all_reduce(counts)
+    stats = torch.cat([(parts_sum / cfg.grad_accum).double(), counts])
+    if env.ddp:  # one all-reduce: the loss parts averaged over ranks, the counts summed
+        dist.all_reduce(stats)
+        stats[:-2] /= env.world_size
     grad_norm = float(nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.grad_clip or math.inf))
-    return dict(zip(parts, (parts_sum / cfg.grad_accum).tolist())), grad_norm, int(counts[0]), float(counts[1])
+    return dict(zip(parts, stats[:-2].tolist())), grad_norm, int(stats[-2]), float(stats[-1])
 
 
 def check_finite(stage, losses, grad_norm, step, last_dir, eval_every):
     """Stop before an update with a NaN or inf, saying which checkpoint is left to resume from."""
     if math.isfinite(losses["loss"]) and math.isfinite(grad_norm):
         return
-    saved = (f"The last good checkpoint {last_dir} is untouched (--resume from it, perhaps with a lower learning "
-             "rate)" if (last_dir / "state.pt").is_file() else
-             f"No checkpoint was saved before it (the first comes at step {eval_every}): start again, perhaps with "
-             "a lower learning rate")
+    saved = (f"The last good checkpoint {last_dir} is untouched: --resume from it" if (last_dir / "state.pt").is_file()
+             else f"No checkpoint was saved before it (the first comes at step {eval_every}): start again")
     raise Diverged(f"{stage.name}: non-finite loss {losses['loss']} (grad norm {grad_norm}) at step {step + 1}; "
-                   f"stopped before the update. {saved}")
+                   f"stopped before the update. {saved}, perhaps with a lower learning rate.")
 
 
 @torch.no_grad()
@@ -465,16 +468,14 @@ def pretrain(cfg, env, world_dir, inputs):
         tok_texts += [t for e in align_examples(cfg, world_dir)[0] for t in (e.sent0, e.sent1, e.instruction_text)]
     tokenizer = get_tokenizer(cfg, env, tok_texts)
     model = Decoder(model_config(cfg, tokenizer.get_vocab_size())).to(env.device)
-    args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.pretrain_batch_size, seed=cfg.seed,
-                rank=env.rank, world_size=env.world_size)
     log(env, f"pretrain: {model.num_params() / 1e6:.2f}M parameters (without embeddings), {len(train_docs):,} "
              f"documents, {cfg.pretrain_steps} steps x {cfg.pretrain_batch_size * cfg.grad_accum} blocks x "
              f"{cfg.block_size} tokens on {env.world_size} x {env.device}")
     meta = dict(model=asdict(model.cfg), train=asdict(cfg), data_dir=str(world_dir) if world_dir else None,
                 specials=tokenizer.specials())
-    stage = Stage("pretrain", model, tokenizer, lm_loss, data.PretrainData(train_docs, **args),
-                  data.PretrainData(dev_docs, **args), cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_weight_decay,
-                  (0.9, 0.95), meta)
+    blocks = [pretrain_blocks(d, cfg, env, tokenizer, cfg.pretrain_batch_size) for d in (train_docs, dev_docs)]
+    stage = Stage("pretrain", model, tokenizer, lm_loss, *blocks, cfg.pretrain_steps, cfg.pretrain_lr,
+                  cfg.pretrain_weight_decay, (0.9, 0.95), meta)
     return train(stage, cfg, env)
 
 
@@ -494,9 +495,7 @@ def align(cfg, env, world_dir, inputs):
     if cfg.replay_weight:  # the base model's own pretraining text (or --text): train and dev documents
         files, replay_world = replay_source(cfg)
         texts = inputs.text or pretrain_texts(replace(cfg, text=files), replay_world)
-        args = dict(tokenizer=tokenizer, block_size=cfg.block_size, batch_size=cfg.replay_batch_size, seed=cfg.seed,
-                    rank=env.rank, world_size=env.world_size)
-        train_data, dev_data = (ReplayData(d, data.PretrainData(t, **args))
+        train_data, dev_data = (ReplayData(d, pretrain_blocks(t, cfg, env, tokenizer, cfg.replay_batch_size))
                                 for d, t in zip((train_data, dev_data), texts))
     afp = xalign.AFPConfig(temperature=cfg.temperature, pooling=cfg.pooling, layer=cfg.layer,
                            contrastive_weight=cfg.contrastive_weight, instruction_weight=cfg.instruction_weight,
