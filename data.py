@@ -548,6 +548,9 @@ def check_file(path) -> str:
         if p.read_bytes().split(b"\n", 1)[0].rstrip(b"\r") == "\t".join(tasks.PAWSX_HEADER).encode():
             rows = tasks.read_pawsx_tsv(p)
             return f"{p}: PAWS-X TSV, {len(rows)} pairs, {sum(e.label for e in rows)} paraphrases"
+        if p.read_bytes().split(b"\n", 1)[0].rstrip(b"\r") == "\t".join(tasks.SENTIMENT_HEADER).encode():
+            rows = tasks.read_sentiment_tsv(p)
+            return f"{p}: sentiment TSV, {len(rows)} sentences, {sum(e.label for e in rows)} good"
         return f"{p}: parallel TSV, {len(read_parallel_tsv(p))} pairs"
     if p.suffix == ".jsonl":
         first = next((line for line in p.read_bytes().split(b"\n") if line.strip()), b"{}")

@@ -27,6 +27,7 @@ import data
 TASKS = ("xnli", "pawsx", "xcopa", "xstorycloze", "xwinograd")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 PAWSX_HEADER = ["id", "sentence1", "sentence2", "label"]
+SENTIMENT_HEADER = ["id", "sentence", "label"]
 STORY_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
                 "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
 
@@ -60,6 +61,13 @@ class PawsExample:
     sentence1: str
     sentence2: str
     label: int           # 1 = paraphrase
+
+
+@dataclass
+class SentimentRow:
+    id: str
+    sentence: str
+    label: int           # 1 = good (the toy world's sentiment task)
 
 
 @dataclass
@@ -285,19 +293,32 @@ def read_xwinograd_tsv(path):
     return [(lang, replace(row, id=str(i))) for i, (lang, row) in enumerate(data._read_lines(path, parse))]
 
 
-def read_pawsx_tsv(path, skip_bad=False) -> list:
-    """PAWS-X TSV with the header id, sentence1, sentence2, label (1 = paraphrase)."""
+def _tsv_header(path):
     data._no_bom(path)
-    head = Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r")
-    if head.split("\t") != PAWSX_HEADER:
-        raise ValueError(f"{path}:1: expected the header {' '.join(PAWSX_HEADER)} (tab-separated)")
+    return Path(path).read_bytes().split(b"\n", 1)[0].decode("utf-8", "replace").removesuffix("\r").split("\t")
+
+
+def _read_binary_tsv(path, header, make, skip_bad):
+    """Rows of a TSV with `header` whose last column is a 0/1 label: make(*columns without it, label)."""
+    if _tsv_header(path) != header:
+        raise ValueError(f"{path}:1: expected the header {' '.join(header)} (tab-separated)")
 
     def parse(line):
-        i, s1, s2, y = data._columns(line, 4)
+        *cols, y = data._columns(line, len(header))
         if y not in ("0", "1"):
             raise ValueError(f"label must be 0 or 1, got {y!r}")
-        return PawsExample(i, s1, s2, int(y))
+        return make(*cols, int(y))
     return data._read_lines(path, parse, skip_bad, first=2)
+
+
+def read_pawsx_tsv(path, skip_bad=False) -> list:
+    """PAWS-X TSV with the header id, sentence1, sentence2, label (1 = paraphrase)."""
+    return _read_binary_tsv(path, PAWSX_HEADER, PawsExample, skip_bad)
+
+
+def read_sentiment_tsv(path, skip_bad=False) -> list:
+    """The toy world's sentiment TSV with the header id, sentence, label (1 = good)."""
+    return _read_binary_tsv(path, SENTIMENT_HEADER, SentimentRow, skip_bad)
 
 
 def _knowledge_row(line):
@@ -357,6 +378,11 @@ def pawsx_item(s1, s2, paws_label, words, id=""):
     """`{s1}, right? {Yes|No}, {s2}`: choices are [Yes, No], so a paraphrase (PAWS label 1) has label 0."""
     return MCItem(f"{s1}, {words['right']}", [f" {words['yes']}, {s2}", f" {words['no']}, {s2}"],
                   0 if paws_label == 1 else 1, id)
+
+
+def sentiment_item(sentence, good, words, id=""):
+    """`{sentence} Is it good? {Yes|No}`: choices are [Yes, No], so a good sentence has label 0."""
+    return MCItem(f"{sentence} {words['good']}", [f" {words['yes']}", f" {words['no']}"], 0 if good else 1, id)
 
 
 def knowledge_item(question, choices, label, words, id=""):
@@ -489,10 +515,14 @@ def _template_words(task_dir, lang, keys):
 
 
 def load_mc_task(task_dir, lang, split, template_lang=None) -> list:
-    """{task_dir}/{lang}.{split}.tsv (PAWS-X) or .jsonl (knowledge) as MCItems; template words from
+    """{task_dir}/{lang}.{split}.tsv (PAWS-X or sentiment, told by the header) or .jsonl (knowledge) as MCItems;
+    template words from
     templates.json in task_dir or TEMPLATE_WORDS, in template_lang (default lang: the cross-lingual setting
     passes "en" for an English template around target-language content)."""
     tsv, jsonl = Path(task_dir) / f"{lang}.{split}.tsv", Path(task_dir) / f"{lang}.{split}.jsonl"
+    if tsv.exists() and _tsv_header(tsv) == SENTIMENT_HEADER:
+        words = _template_words(task_dir, template_lang or lang, ("good", "yes", "no"))
+        return [sentiment_item(e.sentence, e.label, words, e.id) for e in read_sentiment_tsv(tsv)]
     if tsv.exists():
         words = _template_words(task_dir, template_lang or lang, ("right", "yes", "no"))
         return [pawsx_item(e.sentence1, e.sentence2, e.label, words, e.id) for e in read_pawsx_tsv(tsv)]

@@ -1,14 +1,17 @@
 """
 toyworld.py: the embedded multilingual world that `python train.py` runs on, with no download.
 
-A small meaning space (people, cities, things, adjectives, verbs, and a knowledge base of facts) rendered into
-English plus synthetic languages with their own seeded words and word orders:
-  en  English      S V O L   ("Kalib sells the red apple in Varo.")
+A small meaning space (people, cities, things, adjectives, verbs, and a knowledge base of facts about notables)
+rendered into English plus synthetic languages with their own seeded words and word orders:
+  en  English      S V O L   ("Kalib sells the broken lamp in Varo.")
   xa  Valian       S O L V   Latin script, shares the proper nouns with English (like de/es/fr)
-  xb  Kirosh       V S O L   Greek script: shares no subword with English (the retrieval target)
+  xb  Kirosh       V S O L   Greek script: shares no subword with English but the notables' names
   xc  Temish       L S O V   Cyrillic script
 Every sentence is rendered from a meaning tuple, so translation pairs are exact and evaluation meanings can be
-kept out of all training data. `python toyworld.py --out DIR [--seed S]` writes (all UTF-8, "\n" endings):
+kept out of all training data. The two few-shot tasks start where the paper starts: the pretraining corpus holds
+few-shot documents of both, mostly in English (fewshot_share against fewshot_share_other), and the facts that the
+knowledge questions ask about are stated in English only, so a base model answers well in English and worse in
+the other languages. `python toyworld.py --out DIR [--seed S]` writes (all UTF-8, "\n" endings):
   pretrain.txt                   pretraining corpus: documents separated by one blank line (toy docs are one
                                  line each); few-shot documents join their examples with DEMO_SEP ("</s>")
   text/{lang}.{dev,test}.txt     held-out documents per language (perplexity), same format
@@ -18,10 +21,13 @@ kept out of all training data. `python toyworld.py --out DIR [--seed S]` writes 
                                  clm_prompt_len characters are the prompt
   instructions/{lang}.json       the Bactrian-X-layout records behind align.train's instruction samples
   pairs/en-{xx}.{dev,test}.tsv   held-out translation pairs "en TAB xx", one meaning per line
-  tasks/pawsx/{lang}.{split}.tsv        PAWS-X TSV (header id, sentence1, sentence2, label; 1 = paraphrase)
   tasks/knowledge/{lang}.{split}.jsonl  {"id","question","choices","label","en_only"}; choices are statements
-                                 ("Kalib lives in Varo."), so scoring them reads the facts learned from the text
-  tasks/*/templates.json         template words per language {"right","yes","no","question","answer"}
+                                 ("Dutol lives in Varo."), so scoring them reads the facts learned from the text;
+                                 en_only: the fact is stated in English only (all of them by default)
+  tasks/sentiment/{lang}.{split}.tsv    TSV (header id, sentence, label; 1 = good): "Kalib sells the broken lamp
+                                 in Varo. Is it good? No": the adjective decides, and its label words differ
+                                 per language
+  tasks/*/templates.json         template words per language {"right","yes","no","question","answer","good"}
   world.json                     config, language names, lexicon, and the facts with their split and en_only flag
   tokenizer.json                 byte-level BPE trained on pretrain.txt + align.train.jsonl texts
 `python data.py check FILE` validates each of these files.
@@ -48,24 +54,30 @@ class WorldConfig:
     languages: tuple = ("en", "xa", "xb", "xc")  # codes from TOY_LANGS; the first is the pivot (English)
     mix: tuple = (0.85, 0.05, 0.05, 0.05)       # share of pretraining words per language
     pretrain_words: int = 1_500_000             # pretraining corpus size in whitespace-separated words
-    fewshot_share: float = 0.25                 # share of each language's words in few-shot-formatted documents
-    en_only_share: float = 0.5                  # share of facts (in each split) stated in English only
-    align_fraction: float = 0.01                # alignment words (sent0 + sent1 + clm_text) / pretraining words
+    fewshot_share: float = 0.5                  # share of English's words in few-shot-formatted documents
+    fewshot_share_other: float = 0.1            # the same for the other languages: task-formatted text is mostly
+                                                # English, as in a real pretraining mix
+    fact_share: float = 0.4                     # share of story sentences that state a fact
+    en_only_share: float = 1.0                  # share of the dev and test facts stated in English only (the
+                                                # knowledge task's cross-lingual transfer); train facts: everywhere
+    align_fraction: float = 0.009               # alignment words (sent0 + sent1 + clm_text) / pretraining words
     align_dev_fraction: float = 0.1             # alignment dev rows, as a fraction of the train rows
     align_repeat: int = 1                       # the paper repeats instruction data 3x; here budget buys new ids
     cross_probability: float = 0.5              # chance that an instruction's answer language differs
+    n_notables: int = 240                       # the knowledge base's subjects (3 facts each): names that every
+                                                # language writes in Latin letters, like the names of brands
     n_persons: int = 24                         # lexicon sizes (persons and cities are proper nouns): every word
     n_cities: int = 12                          # must recur in the 1% alignment data, so a larger lexicon
     n_objects: int = 12                         # aligns worse (RESULTS.md)
-    n_adjectives: int = 8
+    n_adjectives: int = 12                      # half good, half bad: the sentiment task's labels
     n_object_verbs: int = 6                     # "likes", "sells", ...: person -> thing
     n_person_verbs: int = 6                     # "helps", "meets", ...: person -> person, each with a synonym
     n_jobs: int = 8
     n_animals: int = 8
-    train_fact_share: float = 1 / 3             # facts whose question form may appear in training; rest eval
-    dev_fact_share: float = 1 / 3               # of the eval facts, the share in the dev split (rest test)
+    n_knowledge: tuple = (150, 500)             # knowledge questions (dev, test) per language: facts whose question
+                                                # form never appears in training; the other facts are train facts
+    n_sentiment: tuple = (200, 500)             # sentiment items (dev, test) per language (parallel)
     n_eval_pairs: tuple = (200, 500)            # held-out translation meanings (dev, test) per en-xx file
-    n_pawsx: tuple = (200, 500)                 # PAWS-style items (dev, test) per language (parallel)
     n_text_docs: int = 100                      # held-out documents per language and split
 
 
@@ -81,7 +93,7 @@ TOY_LANGS = {  # order: constituents S V O L; alt: the other order used for para
 EN_WORDS = dict(
     obj="apple book lamp chair basket coat drum kettle ladder mirror pencil rope shovel table violin wagon "
         "bottle hammer blanket candle".split(),
-    adj="red blue green old new small large heavy yellow wooden broken shiny".split(),
+    adj="new old clean dirty shiny broken fresh rotten lovely ugly sturdy rusty".split(),  # even index: good
     vo="likes sells buys paints finds carries washes hides".split(),
     vp="helps meets calls teaches pays follows warns hires".split(),
     syn="assists encounters phones instructs compensates trails alerts employs".split(),
@@ -90,12 +102,13 @@ EN_WORDS = dict(
 )
 EN_FUNCTION = {"in": "in", "live": "lives", "work": "works", "keep": "keeps", "where": "where",
                "what_job": "what", "which_animal": "which", "who_q": "Who does it?",
-               "where_q": "Where does it happen?", **tasks.TEMPLATE_WORDS["en"]}
+               "where_q": "Where does it happen?", "good": "Is it good?",
+               **tasks.TEMPLATE_WORDS["en"]}
 EN_QUESTIONS = {"home": "Where does {} live?", "job": "What does {} work as?",
                 "animal": "Which animal does {} keep?"}
 RELATIONS = {"home": ("live", "city", "where"), "job": ("work", "job", "what_job"),
              "animal": ("keep", "animal", "which_animal")}  # relation: verb, value category, wh-word
-TEMPLATE_KEYS = ("right", "yes", "no", "question", "answer")
+TEMPLATE_KEYS = ("right", "yes", "no", "question", "answer", "good")
 # names are built from these letters and transliterated letter by letter (a 1-1 map, so names stay distinct)
 NAME_LETTERS = "bdgklmnprstzaeiou"
 SCRIPT_LETTERS = {"latin": NAME_LETTERS, "greek": "βδγκλμνπρστζαειου", "cyrillic": "бдгклмнпрстзаеиоу"}
@@ -160,7 +173,7 @@ def _own_words(rng, code, sizes, taken):
         w = _toy_word(rng, code, 3, taken)
         words[k] = w[0].upper() + w[1:]
     words["right"] = _toy_word(rng, code, 2, taken) + "?"
-    for k in ("who_q", "where_q"):
+    for k in ("who_q", "where_q", "good"):
         words[k] = f"{_toy_word(rng, code, 2, taken)} {_toy_word(rng, code, 2, taken)}?"
     return words
 
@@ -175,12 +188,14 @@ def make_languages(cfg, rng):
     taken = set()
     persons = [_name(rng, taken) for _ in range(cfg.n_persons)]
     cities = [_name(rng, taken) for _ in range(cfg.n_cities)]
+    notables = [_name(rng, taken) for _ in range(cfg.n_notables)]
     en_words = set(sum(EN_WORDS.values(), [])) | set(" ".join(EN_FUNCTION.values()).lower().split())
     langs = {}
     for code in cfg.languages:
         spec = TOY_LANGS[code]
         words = {f"person{i}": _transliterate(p, spec["script"]) for i, p in enumerate(persons)}
         words.update({f"city{i}": _transliterate(c, spec["script"]) for i, c in enumerate(cities)})
+        words.update({f"notable{i}": n for i, n in enumerate(notables)})
         if code == "en":
             words.update({f"{cat}{i}": EN_WORDS[cat][i] for cat, n in sizes.items() for i in range(n)})
             words.update(EN_FUNCTION)
@@ -195,11 +210,16 @@ def make_languages(cfg, rng):
 # 2. meanings and how each language renders them
 
 def fact_meaning(f):
-    return ("fact", f["rel"], f["person"], f["value"])
+    return ("fact", f["rel"], f["notable"], f["value"])
 
 
 def ask_meaning(f):
-    return ("ask", f["rel"], f["person"])
+    return ("ask", f["rel"], f["notable"])
+
+
+def is_good(m):
+    """The sentiment label of an "act" meaning: its adjective's (even indices are the good ones)."""
+    return m[3] % 2 == 0
 
 
 def swap(m):
@@ -209,10 +229,10 @@ def swap(m):
 
 def render(L, m, syn=False, front=False, end="."):
     """Meaning tuple -> sentence in language L. Meanings:
-    ("act", verb, person, adj, obj, city)   Kalib sells the red apple in Varo.
+    ("act", verb, person, adj, obj, city)   Kalib sells the broken lamp in Varo.
     ("meet", verb, person_a, person_b, city)  Kalib helps Moren in Varo. (syn: synonym verb; front: alt order)
-    ("fact", rel, person, value)            Kalib lives in Varo. / works as a baker. / keeps a horse.
-    ("ask", rel, person)                    Where does Kalib live?"""
+    ("fact", rel, notable, value)           Dutol lives in Varo. / works as a baker. / keeps a horse.
+    ("ask", rel, notable)                   Where does Dutol live?"""
     w, kind = L.words, m[0]
     loc = (lambda place: f"{place} {w['in']}") if L.loc_after else (lambda place: f"{w['in']} {place}")
     if kind == "act":
@@ -227,10 +247,10 @@ def render(L, m, syn=False, front=False, end="."):
     else:
         rel, p = m[1], m[2]
         if kind == "ask" and L.code == "en":
-            return EN_QUESTIONS[rel].format(w[f"person{p}"])
+            return EN_QUESTIONS[rel].format(w[f"notable{p}"])
         verb, cat, wh = RELATIONS[rel]
         value = w[wh] if kind == "ask" else w[f"{cat}{m[3]}"]
-        slots = dict(S=w[f"person{p}"], V=w[verb])
+        slots = dict(S=w[f"notable{p}"], V=w[verb])
         if rel == "home":
             slots["L"] = value if kind == "ask" else loc(value)
         else:
@@ -265,12 +285,6 @@ class Events:
             if m not in self.reserved and (m[0] == "act" or (m[2] != m[3] and swap(m) not in self.reserved)):
                 return m
 
-    def paws(self, m, label):
-        """(second meaning, render flags (syn, front)) of a PAWS-style pair: a paraphrase changes words or
-        order, a non-paraphrase swaps the roles."""
-        flags = self.rng.choice([(1, 0), (0, 1), (1, 1)] if label else [(0, 0), (1, 0), (0, 1), (1, 1)])
-        return m if label else swap(m), flags
-
 
 # -----------------------------------------------------------------------------
 # 3. the world, step by step (every step draws from the one seeded rng, in this order)
@@ -279,15 +293,15 @@ class Events:
 class World:
     cfg: WorldConfig
     langs: dict                 # code -> Language
-    facts: list                 # dicts {rel, person, value, en_only, split}
+    facts: list                 # dicts {rel, notable, value, en_only, split}
     pretrain: list              # [(lang, document)] in corpus order
     text: dict                  # split -> lang -> [document]
     align: dict                 # split -> [data.AlignExample]
     instructions: dict          # lang -> [Bactrian-X record] behind align["train"]
     pairs: dict                 # split -> xx -> [(meaning, en sentence, xx sentence)]
-    pawsx: dict                 # split -> lang -> [tasks.PawsExample]
-    pawsx_meanings: dict        # split -> [(meaning of sentence1, meaning of sentence2)]
     knowledge: dict             # split -> lang -> [{"id","question","choices","label","en_only"}]
+    sentiment: dict             # split -> lang -> [tasks.SentimentRow]
+    sentiment_meanings: dict    # split -> [meaning of each item's sentence]
     train_meanings: set = field(default_factory=set)  # (lang, meaning) of every training sentence
 
     def training_texts(self):
@@ -305,56 +319,62 @@ def build_world(cfg: WorldConfig) -> World:
     langs = make_languages(cfg, rng)
     facts = deal_facts(cfg, rng)
     events = Events(rng, lexicon_sizes(cfg))
-    pairs, pawsx, pawsx_meanings, knowledge = evaluation_sets(cfg, langs, facts, events)  # first: kept out
-    train_meanings = set()                                                                  # of what follows
+    pairs, knowledge, sentiment, sentiment_meanings = evaluation_sets(cfg, langs, facts, events)  # first: kept
+    train_meanings = set()                                                                      # out of the rest
     docs = pretraining_corpus(cfg, langs, facts, events, train_meanings)
-    text = {s: {c: [story(langs[c], facts, events, set()) for _ in range(cfg.n_text_docs)] for c in cfg.languages}
-            for s in ("dev", "test")}
+    text = {s: {c: [story(langs[c], facts, events, set(), cfg.fact_share) for _ in range(cfg.n_text_docs)]
+                for c in cfg.languages} for s in ("dev", "test")}
     align, instructions = alignment_data(cfg, langs, facts, events, train_meanings)
-    return World(cfg, langs, facts, docs, text, align, instructions, pairs, pawsx, pawsx_meanings, knowledge,
-                 train_meanings)
+    return World(cfg, langs, facts, docs, text, align, instructions, pairs, knowledge, sentiment,
+                 sentiment_meanings, train_meanings)
 
 
 def deal_facts(cfg, rng):
-    """The knowledge base: every person has a home, a job and an animal, values dealt from decks so all are used.
-    Per relation, the train split first takes one fact per value, so alignment data can state every word."""
-    sizes, facts = lexicon_sizes(cfg), []
+    """The knowledge base: every notable has a home, a job and an animal, values dealt from decks so all are used.
+    The train split first takes one fact per value (so alignment data can state every word); then the dev and
+    test splits take n_knowledge facts at random over the relations; the rest are train facts too."""
+    sizes, cover, rest = lexicon_sizes(cfg), [], []
     for rel in RELATIONS:
         deck = _deck(sizes[RELATIONS[rel][1]], rng)
-        rows = [dict(rel=rel, person=p, value=next(deck)) for p in range(cfg.n_persons)]
+        rows = [dict(rel=rel, notable=p, value=next(deck)) for p in range(cfg.n_notables)]
         rng.shuffle(rows)
-        cover = list({r["value"]: r for r in rows}.values())
-        rest = [r for r in rows if r not in cover]
-        n_train = max(len(cover), round(cfg.train_fact_share * len(rows))) - len(cover)
-        n_dev = round(cfg.dev_fact_share * (len(rest) - n_train))
-        split = dict(train=cover + rest[:n_train], dev=rest[n_train:n_train + n_dev], test=rest[n_train + n_dev:])
-        for name, part in split.items():
-            rng.shuffle(part)
-            facts += [dict(r, split=name, en_only=i < round(cfg.en_only_share * len(part))) for i, r in enumerate(part)]
+        firsts = {r["value"]: i for i, r in reversed(list(enumerate(rows)))}.values()
+        firsts = set(firsts)
+        cover += [r for i, r in enumerate(rows) if i in firsts]
+        rest += [r for i, r in enumerate(rows) if i not in firsts]
+    rng.shuffle(rest)
+    n_dev, n_test = cfg.n_knowledge
+    if n_dev + n_test > len(rest):
+        raise ValueError(f"WorldConfig: n_knowledge {cfg.n_knowledge} needs more than the {len(rest)} facts left "
+                         f"after the train split's; raise n_notables")
+    split = dict(train=cover + rest[n_dev + n_test:], dev=rest[:n_dev], test=rest[n_dev:n_dev + n_test])
+    facts = []
+    for name, part in split.items():
+        n_en_only = 0 if name == "train" else round(cfg.en_only_share * len(part))
+        facts += [dict(r, split=name, en_only=i < n_en_only) for i, r in enumerate(part)]
     return facts
 
 
 def evaluation_sets(cfg, langs, facts, events):
-    """Held-out translation pairs, PAWS-style items and knowledge questions per split (dev, test); their event
+    """Held-out translation pairs, knowledge questions and sentiment items per split (dev, test); their event
     meanings are reserved, so no training text can use them."""
     rng, codes, others = events.rng, list(cfg.languages), list(cfg.languages[1:])
-    pairs, pawsx, pawsx_meanings, knowledge = {}, {}, {}, {}
-    for split, n_pairs, n_paws in zip(("dev", "test"), cfg.n_eval_pairs, cfg.n_pawsx):
+    pairs, knowledge, sentiment, sentiment_meanings = {}, {}, {}, {}
+    for split, n_pairs, n_sentiment in zip(("dev", "test"), cfg.n_eval_pairs, cfg.n_sentiment):
         ms = []
         while len(ms) < n_pairs:
             ms.append(events.new())
             events.reserved.add(ms[-1])
         pairs[split] = {x: [(m, render(langs["en"], m), render(langs[x], m)) for m in ms] for x in others}
-        items = []
-        for i in range(n_paws):
-            m, label = events.new("meet"), int(rng.random() < 0.5)
-            events.reserved.update((m, swap(m)))
-            items.append((f"{split}-{i}", m, *events.paws(m, label), label))
-        pawsx_meanings[split] = [(m1, m2) for _, m1, m2, _, _ in items]
-        pawsx[split] = {c: [tasks.PawsExample(i, render(langs[c], m1, end=""), render(langs[c], m2, *f, end=""), y)
-                            for i, m1, m2, f, y in items] for c in codes}
         knowledge[split] = knowledge_questions(cfg, split, langs, facts, rng)
-    return pairs, pawsx, pawsx_meanings, knowledge
+        ms = []
+        while len(ms) < n_sentiment:
+            ms.append(events.new("act"))
+            events.reserved.add(ms[-1])
+        sentiment_meanings[split] = ms
+        sentiment[split] = {c: [tasks.SentimentRow(f"{split}-{i}", render(langs[c], m), int(is_good(m)))
+                                for i, m in enumerate(ms)] for c in codes}
+    return pairs, knowledge, sentiment, sentiment_meanings
 
 
 def knowledge_questions(cfg, split, langs, facts, rng):
@@ -374,15 +394,16 @@ def known_facts(L, facts):
     return [f for f in facts if L.code == "en" or not f["en_only"]]
 
 
-def story(L, facts, events, seen):
-    """A document of 3-10 sentences: events (some with a synonym or the other word order) and facts."""
+def story(L, facts, events, seen, fact_share):
+    """A document of 3-10 sentences: facts (fact_share of them) and events (some with a synonym or the other
+    word order)."""
     rng, out = events.rng, []
     for _ in range(rng.randint(3, 10)):
         r = rng.random()
-        if r < 0.2:
+        if r < fact_share:
             m, flags = fact_meaning(rng.choice(known_facts(L, facts))), ()
         else:
-            m, flags = events.new("act" if r < 0.6 else "meet"), (rng.random() < 0.3, rng.random() < 0.3)
+            m, flags = events.new("act" if rng.random() < 0.5 else "meet"), (rng.random() < 0.3, rng.random() < 0.3)
         seen.add((L.code, m))
         out.append(render(L, m, *flags))
     return " ".join(out)
@@ -398,22 +419,24 @@ def fewshot_document(L, facts, events, seen):
             seen.add((c, ask_meaning(f)))
             items.append(tasks.knowledge_item(render(L, ask_meaning(f)), [render(L, fact_meaning(f))], 0, words))
         else:
-            m, label = events.new("meet"), int(rng.random() < 0.5)
-            m2, flags = events.paws(m, label)
-            seen.update(((c, m), (c, m2)))
-            items.append(tasks.pawsx_item(render(L, m, end=""), render(L, m2, *flags, end=""), label, words))
+            m = events.new("act")
+            seen.add((c, m))
+            items.append(tasks.sentiment_item(render(L, m), is_good(m), words))
     return DEMO_SEP.join(tasks.demo_text(it) for it in items)
 
 
 def pretraining_corpus(cfg, langs, facts, events, seen):
-    """[(lang, document)]: each language's share of the words, its last fewshot_share in few-shot documents;
-    facts marked en_only are stated in English only. Adds every sentence's (lang, meaning) to `seen`."""
+    """[(lang, document)]: each language's share of the words, its last fewshot_share (English) or
+    fewshot_share_other in few-shot documents; facts marked en_only are stated in English only. Adds every
+    sentence's (lang, meaning) to `seen`."""
     docs = []
     for c, share in zip(cfg.languages, cfg.mix):
         budget, used = share * cfg.pretrain_words, 0
+        few_share = cfg.fewshot_share if c == "en" else cfg.fewshot_share_other
         while used < budget:
-            few = used >= (1 - cfg.fewshot_share) * budget
-            d = fewshot_document(langs[c], facts, events, seen) if few else story(langs[c], facts, events, seen)
+            few = used >= (1 - few_share) * budget
+            d = (fewshot_document(langs[c], facts, events, seen) if few
+                 else story(langs[c], facts, events, seen, cfg.fact_share))
             docs.append((c, d))
             used += len(d.split())
     events.rng.shuffle(docs)
@@ -441,7 +464,7 @@ def alignment_data(cfg, langs, facts, events, seen):
         return rng.choice(train_by_value[(rel, next(d[RELATIONS[rel][1]]))])
 
     def candidate_pair(x, i):  # (xx, meaning, en sentence, xx sentence), kinds in fixed proportions
-        draw, kind, flags = (lambda k: next(decks[x][k])), "aaaammmffq"[i % 10], ()
+        draw, kind, flags = (lambda k: next(decks[x][k])), "aaaammmmffq"[i % 11], ()
         if kind in "am":
             m = events.new("act" if kind == "a" else "meet", draw)
             flags = (rng.random() < 0.5, rng.random() < 0.5) if kind == "m" else ()
@@ -505,7 +528,7 @@ def _rows_within_budget(cfg, cand_pairs, cand_records):
 def write_world(world: World, out_dir) -> None:
     """Write the world in the formats the readers of data.py and tasks.py accept (list in the module docstring)."""
     out = Path(out_dir)
-    for sub in ("text", "pairs", "instructions", "tasks/pawsx", "tasks/knowledge"):
+    for sub in ("text", "pairs", "instructions", "tasks/knowledge", "tasks/sentiment"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     def put(name, lines):
@@ -518,9 +541,9 @@ def write_world(world: World, out_dir) -> None:
             put(f"text/{c}.{split}.txt", "\n\n".join(docs).split("\n"))
         for x, rows in world.pairs[split].items():
             put(f"pairs/en-{x}.{split}.tsv", [f"{en}\t{xx}" for _, en, xx in rows])
-        for c, items in world.pawsx[split].items():
-            put(f"tasks/pawsx/{c}.{split}.tsv", ["\t".join(tasks.PAWSX_HEADER)] +
-                [f"{e.id}\t{e.sentence1}\t{e.sentence2}\t{e.label}" for e in items])
+        for c, rows in world.sentiment[split].items():
+            put(f"tasks/sentiment/{c}.{split}.tsv", ["\t".join(tasks.SENTIMENT_HEADER)] +
+                [f"{e.id}\t{e.sentence}\t{e.label}" for e in rows])
         for c, items in world.knowledge[split].items():
             put(f"tasks/knowledge/{c}.{split}.jsonl", [dumps(r) for r in items])
     for split, rows in world.align.items():
@@ -529,7 +552,7 @@ def write_world(world: World, out_dir) -> None:
         put(f"instructions/{c}.json", ["["] + [dumps(r) + ("," if k < len(recs) - 1 else "")
                                               for k, r in enumerate(recs)] + ["]"])
     templates = dumps({c: L.templates() for c, L in world.langs.items()})
-    put("tasks/pawsx/templates.json", [templates])
+    put("tasks/sentiment/templates.json", [templates])
     put("tasks/knowledge/templates.json", [templates])
     info = dict(config=asdict(world.cfg), languages={c: dict(name=L.name, order=L.order, alt_order=L.alt,
                 script=TOY_LANGS[c]["script"]) for c, L in world.langs.items()},

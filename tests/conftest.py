@@ -12,7 +12,7 @@ import toyworld  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared/data"
-SMALL_WORLD = dict(pretrain_words=40_000, n_eval_pairs=(30, 60), n_pawsx=(20, 40), n_text_docs=4)
+SMALL_WORLD = dict(pretrain_words=40_000, n_eval_pairs=(30, 60), n_knowledge=(20, 40), n_sentiment=(20, 40), n_text_docs=4)
 
 
 @pytest.fixture(scope="module")

@@ -228,8 +228,8 @@ def test_task_errors_name_the_file(tok, tmp_path):
 def tiny_run(tmp_path_factory):
     """A small toy world and two random checkpoints that use it."""
     root = tmp_path_factory.mktemp("run")
-    world = toyworld.build_world(toyworld.WorldConfig(pretrain_words=20_000, n_eval_pairs=(20, 30), n_pawsx=(12, 16),
-                                              n_text_docs=4))
+    world = toyworld.build_world(toyworld.WorldConfig(pretrain_words=20_000, n_eval_pairs=(20, 30), n_sentiment=(12, 16),
+                                              n_knowledge=(12, 16), n_text_docs=4))
     toyworld.write_world(world, root / "data")
     tok = data.train_tokenizer(world.training_texts(), 400)
     tok.save(str(root / "tokenizer.json"))
@@ -248,16 +248,20 @@ def test_evaluate_end_to_end(tiny_run, capsys):
              "--pairs", "16", "--out", str(out)])
     table = capsys.readouterr().out
     assert "→" in table and "lang_id_acc" in table
-    pawsx = table.split("pawsx: few-shot accuracy (acc, %; 8–8 items a cell)")[1].split("\n\n", 2)[1]
-    assert pawsx.startswith("| setting | en | xa | xb | xc | avg |") and "\n| cross_2shot |  | " in pawsx  # no en
+    sentiment = table.split("sentiment: few-shot accuracy (acc, %; 8–8 items a cell, standard error at most ")[1]
+    se, sentiment = sentiment.split(")", 1)
+    assert 0 < float(se) <= 100 * math.sqrt(0.25 / 8)                 # the largest SE of any cell, in points
+    sentiment = sentiment.split("\n\n", 2)[1]
+    assert sentiment.startswith("| setting | en | xa | xb | xc | avg |") and "\n| cross_2shot |  | " in sentiment
     res = json.loads(out.read_text())
     assert list(res) == ["base", "aligned"]
     r = res["base"]
-    assert set(r["mc"]) == {"knowledge", "pawsx"}
-    assert set(r["mc"]["pawsx"]) == {"in_0shot", "in_2shot", "cross_0shot", "cross_2shot"}
-    assert set(r["mc"]["pawsx"]["cross_2shot"]) == {"xa", "xb", "xc", "avg"}    # English only in "in"
-    entry = r["mc"]["pawsx"]["in_2shot"]["en"]
+    assert set(r["mc"]) == {"knowledge", "sentiment"}
+    assert set(r["mc"]["sentiment"]) == {"in_0shot", "in_2shot", "cross_0shot", "cross_2shot"}
+    assert set(r["mc"]["sentiment"]["cross_2shot"]) == {"xa", "xb", "xc", "avg"}    # English only in "in"
+    entry = r["mc"]["sentiment"]["in_2shot"]["en"]
     assert entry["n"] == 8 and 0 <= entry["acc"] <= 1 and {"acc_norm", "truncated", "skipped"} <= set(entry)
+    assert entry["acc_se"] == pytest.approx(math.sqrt(entry["acc"] * (1 - entry["acc"]) / 8))
     assert "acc_en_only" in r["mc"]["knowledge"]["in_0shot"]["xa"]
     rep = r["repr"]
     assert rep["layers"] == [0, 1, 2] and len(rep["lang_id_acc"]) == 3 and rep["langs"] == ["en", "xa", "xb", "xc"]
@@ -267,7 +271,7 @@ def test_evaluate_end_to_end(tiny_run, capsys):
 
 
 def test_plot_without_matplotlib_says_how_to_install(tiny_run, monkeypatch, capsys, tmp_path):
-    r = ev.evaluate(tiny_run / "base", tasks=["pawsx"], shots=[0], cfg=ev.EvalConfig(max_items=4, n_pairs=10, pca_points=5,
+    r = ev.evaluate(tiny_run / "base", tasks=["sentiment"], shots=[0], cfg=ev.EvalConfig(max_items=4, n_pairs=10, pca_points=5,
                                                                                    progress=False))
     assert len(r["pca"]["xy"]) == len(r["pca"]["lang"]) == 20
     monkeypatch.setitem(sys.modules, "matplotlib", None)              # import matplotlib now fails
@@ -337,7 +341,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
         shutil.copytree(tiny_run / "base", d)
         shutil.copy(tiny_run / "tokenizer.json", d / "tokenizer.json")
         edit(d)
-        cases[name] = ([str(d), "--tasks", f"pawsx={tiny_run / 'data/tasks/pawsx'}"],
+        cases[name] = ([str(d), "--tasks", f"sentiment={tiny_run / 'data/tasks/sentiment'}"],
                        {"config": "config.json: not a model config", "truncated": "model.pt: does not load",
                         "tokenizer": "it is not this model's tokenizer"}[name])
     bad_task = tmp_path / "badtask"

@@ -199,6 +199,21 @@ def test_toy_task_readers_on_small_fixtures(tmp_path):
     assert tasks.read_knowledge_jsonl(tmp_path / "en.dev.jsonl")[0]["choices"] == ["x", "y"]
 
 
+def test_sentiment_tsv_reader_and_items(tmp_path):
+    path = write_raw(tmp_path / "xb.dev.tsv", "id\tsentence\tlabel\n1\tA b c.\t1\n2\tD e f.\t0\n")
+    assert tasks.read_sentiment_tsv(path) == [tasks.SentimentRow("1", "A b c.", 1), tasks.SentimentRow("2", "D e f.", 0)]
+    write_raw(tmp_path / "templates.json", json.dumps({"xb": dict(good="Καλό;", yes="Ναι", no="Όχι")}))
+    items = tasks.load_mc_task(tmp_path, "xb", "dev")
+    assert items == [tasks.MCItem("A b c. Καλό;", [" Ναι", " Όχι"], 0, "1"), tasks.MCItem("D e f. Καλό;", [" Ναι", " Όχι"], 1, "2")]
+    with pytest.raises(ValueError, match=r"no template words \['good', 'yes', 'no'\] for language 'en'"):
+        tasks.load_mc_task(tmp_path, "xb", "dev", template_lang="en")   # the task's words are the world's own
+    for body, needle in [("id\tsentence\tlabel\n1\tA.\t2\n", ":2: label must be 0 or 1"),
+                         ("id\tsentence\tlabel\n1\tA.\n", ":2: expected 3"),
+                         ("id\ttext\tlabel\n1\tA.\t1\n", ":1: expected the header id sentence label")]:
+        with pytest.raises(ValueError, match=needle):
+            tasks.read_sentiment_tsv(write_raw(tmp_path / "bad.tsv", body))
+
+
 def test_pawsx_from_shared_data():
     if not (PAWSX / "en.dev.tsv").is_file():
         pytest.skip(f"no PAWS-X at {PAWSX}")

@@ -30,7 +30,7 @@ def stated_in(world):
     for lang, m in world.train_meanings:
         if m[0] == "fact":
             out.setdefault(m[1:], set()).add(lang)
-    return lambda f: out.get((f["rel"], f["person"], f["value"]), set())
+    return lambda f: out.get((f["rel"], f["notable"], f["value"]), set())
 
 
 def words_of(text):
@@ -104,10 +104,10 @@ def test_evaluation_meanings_are_disjoint_from_training(world):
     trained = {m for _, m in world.train_meanings}
     assert sum(m[0] == "act" for m in trained) > 100  # the record is really kept
     held_out = {m for split in ("dev", "test") for rows in world.pairs[split].values() for m, _, _ in rows}
-    held_out |= {m for split in ("dev", "test") for pair in world.pawsx_meanings[split] for m in pair}
+    held_out |= {m for split in ("dev", "test") for m in world.sentiment_meanings[split]}
     assert held_out and not held_out & trained
     eval_facts = [f for f in world.facts if f["split"] != "train"]
-    assert not {("ask", f["rel"], f["person"]) for f in eval_facts} & trained
+    assert not {("ask", f["rel"], f["notable"]) for f in eval_facts} & trained
     stated = stated_in(world)
     assert all(stated(f) <= {"en"} for f in eval_facts if f["en_only"])  # stated in no other language
     corpus = "\n".join(d for _, d in world.pretrain)  # and as text, not only as meaning ids
@@ -115,27 +115,29 @@ def test_evaluation_meanings_are_disjoint_from_training(world):
     assert not [xb for _, _, xb in world.pairs["test"]["xb"] if xb in corpus]
 
 
-def test_pawsx_and_knowledge_items(world, world_dir):
+def test_sentiment_and_knowledge_items(world, world_dir):
     for split in ("dev", "test"):
-        for (m1, m2), e in zip(world.pawsx_meanings[split], world.pawsx[split]["en"]):
-            assert e.label == int(m1 == m2) and (m1 == m2 or (m1[2], m1[3]) == (m2[3], m2[2]))
-    labels = [e.label for e in world.pawsx["test"]["en"]]
-    assert 0 < sum(labels) < len(labels)
-    en_only = [r["en_only"] for r in world.knowledge["test"]["en"]]
-    assert any(en_only) and not all(en_only)
+        for m, e in zip(world.sentiment_meanings[split], world.sentiment[split]["en"]):
+            adjective = world.langs["en"].words[f"adj{m[3]}"]
+            assert e.label == int(toyworld.is_good(m)) == int(adjective in "new clean shiny fresh lovely sturdy".split())
+            assert f" {adjective} " in e.sentence
+    labels = [e.label for e in world.sentiment["test"]["en"]]
+    assert 0.3 < sum(labels) / len(labels) < 0.7
+    assert all(r["en_only"] for r in world.knowledge["test"]["en"])  # the default: every eval fact in English only
     for lang in world.cfg.languages:
         items = tasks.load_mc_task(world_dir / "tasks/knowledge", lang, "test")
-        assert len(items) == len(world.knowledge["test"][lang])
+        assert len(items) == len(world.knowledge["test"][lang]) == 40
         assert all(len(it.choices) == 4 and it.prefix.endswith(":") for it in items)
-        right = tasks.load_mc_task(world_dir / "tasks/pawsx", lang, "dev")
+        rows = world.sentiment["dev"][lang]
+        assert tasks.read_sentiment_tsv(world_dir / f"tasks/sentiment/{lang}.dev.tsv") == rows
         words = world.langs[lang].templates()
-        assert right[0].prefix == f"{world.pawsx['dev'][lang][0].sentence1}, {words['right']}"
-    cross = tasks.load_mc_task(world_dir / "tasks/pawsx", "xb", "dev", template_lang="en")
-    e = world.pawsx["dev"]["xb"][0]
-    assert cross[0].prefix == f"{e.sentence1}, right?"
-    assert cross[0].choices == [f" Yes, {e.sentence2}", f" No, {e.sentence2}"]
-    assert cross[0].label == (0 if e.label == 1 else 1)
-    assert tasks.task_languages(world_dir / "tasks/pawsx") == ["en", "xa", "xb", "xc"]
+        items = tasks.load_mc_task(world_dir / "tasks/sentiment", lang, "dev")
+        assert items[0].prefix == f"{rows[0].sentence} {words['good']}"
+        assert items[0].choices == [f" {words['yes']}", f" {words['no']}"] and items[0].label == 1 - rows[0].label
+    cross = tasks.load_mc_task(world_dir / "tasks/sentiment", "xb", "dev", template_lang="en")
+    e = world.sentiment["dev"]["xb"][0]
+    assert cross[0].prefix == f"{e.sentence} Is it good?" and cross[0].choices == [" Yes", " No"]
+    assert tasks.task_languages(world_dir / "tasks/sentiment") == ["en", "xa", "xb", "xc"]
 
 
 def test_fewshot_documents_use_the_task_format(world):
@@ -144,7 +146,8 @@ def test_fewshot_documents_use_the_task_format(world):
         assert shots, lang
         words = world.langs[lang].templates()
         demos = [s for d in shots for s in d.split(data.DEMO_SEP)]
-        assert any(f", {words['right']} {words['yes']}, " in s for s in demos)
+        assert any(s.endswith(f" {words['good']} {words['yes']}") for s in demos)
+        assert any(s.endswith(f" {words['good']} {words['no']}") for s in demos)
         assert any(s.startswith(f"{words['question']}: ") and f" {words['answer']}: " in s for s in demos)
 
 
@@ -172,11 +175,11 @@ def test_default_world_sizes_budget_and_lexicon_coverage(big):
     assert 1_400_000 < n < 1_600_000
     align = big.align["train"]
     words = sum(len(t.split()) for e in align for t in (e.sent0, e.sent1, e.instruction_text))
-    assert 0.008 * n < words <= 0.01 * big.cfg.pretrain_words
-    skip = {"question", "answer", "right", "yes", "no", "who_q", "where_q"}  # template words: not in pairs
-    for x in ("xa", "xb", "xc"):
+    assert 0.8 * big.cfg.align_fraction * n < words <= big.cfg.align_fraction * big.cfg.pretrain_words
+    skip = {"question", "answer", "right", "yes", "no", "good", "who_q", "where_q"}  # template words: not in pairs
+    for x in ("xa", "xb", "xc"):  # every word but the notables' names, which are the same in every language
         seen = Counter(w for e in align for w in words_of(e.sent1))
-        lexicon = {k: v for k, v in big.langs[x].words.items() if k not in skip}
+        lexicon = {k: v for k, v in big.langs[x].words.items() if k not in skip and not k.startswith("notable")}
         assert not [k for k, v in lexicon.items() if seen[v] == 0], x
     assert big.align["dev"] and not {(e.sent0, e.sent1) for e in big.align["dev"]} & {(e.sent0, e.sent1) for e in align}
 
