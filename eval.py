@@ -2,7 +2,7 @@
 eval.py: what AFP should change, measured on one checkpoint or two side by side.
 
     python eval.py CKPT [CKPT2] [--data DIR] [--tasks knowledge,pawsx=../shared/data/pawsx] [--shots 0,5]
-                   [--split test] [--max-items 200] [--pairs 200] [--batch-size 16] [--no-prefix-cache]
+                   [--split test] [--max-items 500] [--pairs 200] [--batch-size 16] [--no-prefix-cache]
                    [--threads 1] [--out results.json] [--plot pca.png]
 
 1. Few-shot multiple choice by log-likelihood, the paper's protocol. An item is a prefix and choices, scored
@@ -69,7 +69,7 @@ class EvalConfig:
     shots: tuple = (0, 5)
     settings: tuple = ("in", "cross")
     split: str = "test"             # queries and pairs; "dev" for tuning. Demos always come from dev
-    max_items: int = 200            # queries per task and language: a seeded sample, the same rows in each language
+    max_items: int = 500            # queries per task and language: a seeded sample, the same rows in each language
     n_pairs: int = 200              # translation pairs per language
     batch_size: int = 16
     prefix_cache: bool = True
@@ -533,8 +533,9 @@ def markdown_table(results):
                 rows.append([key + ", en-only facts"] + [cell(("mc", task, key, l, "acc_en_only")) for l in langs]
                             + [""])
         n = sorted({r["n"] for per in entries.values() for l, r in per.items() if l != "avg"})
-        out += table(f"{task}: few-shot accuracy (acc, %; {n[0]}–{n[-1]} items a cell)", ["setting"] + langs + ["avg"],
-                     rows)
+        se = max(get(r, "mc", task, key, l, "acc_se") or 0 for r in runs for key in entries for l in langs)
+        out += table(f"{task}: few-shot accuracy (acc, %; {n[0]}–{n[-1]} items a cell, standard error at most "
+                     f"{100 * se:.1f})", ["setting"] + langs + ["avg"], rows)
     rep = runs[0].get("repr")
     if rep:
         xx, rows = list(rep["pairs"]), []
