@@ -177,8 +177,9 @@ def test_default_world_sizes_budget_and_lexicon_coverage(big):
     words = sum(len(t.split()) for e in align for t in (e.sent0, e.sent1, e.instruction_text))
     assert 0.8 * big.cfg.align_fraction * n < words <= big.cfg.align_fraction * big.cfg.pretrain_words
     skip = {"question", "answer", "right", "yes", "no", "good", "who_q", "where_q"}  # template words: not in pairs
-    for x in ("xa", "xb", "xc"):  # every word but the notables' names, which are the same in every language
-        seen = Counter(w for e in align for w in words_of(e.sent1))
+    for x in ("xa", "xb", "xc"):  # every word but the notables' names, which are the same in every language, in
+        # the pairs or the instruction samples (a few job and animal words are answers only)
+        seen = Counter(w for e in align for t in (e.sent1, e.instruction_text) for w in words_of(t))
         lexicon = {k: v for k, v in big.langs[x].words.items() if k not in skip and not k.startswith("notable")}
         assert not [k for k, v in lexicon.items() if seen[v] == 0], x
     assert big.align["dev"] and not {(e.sent0, e.sent1) for e in big.align["dev"]} & {(e.sent0, e.sent1) for e in align}
