@@ -516,9 +516,8 @@ def _template_words(task_dir, lang, keys):
 
 def load_mc_task(task_dir, lang, split, template_lang=None) -> list:
     """{task_dir}/{lang}.{split}.tsv (PAWS-X or sentiment, told by the header) or .jsonl (knowledge) as MCItems;
-    template words from
-    templates.json in task_dir or TEMPLATE_WORDS, in template_lang (default lang: the cross-lingual setting
-    passes "en" for an English template around target-language content)."""
+    template words from templates.json in task_dir or TEMPLATE_WORDS, in template_lang (default lang: the
+    cross-lingual setting passes "en" for an English template around target-language content)."""
     tsv, jsonl = Path(task_dir) / f"{lang}.{split}.tsv", Path(task_dir) / f"{lang}.{split}.jsonl"
     if tsv.exists() and _tsv_header(tsv) == SENTIMENT_HEADER:
         words = _template_words(task_dir, template_lang or lang, ("good", "yes", "no"))

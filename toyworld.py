@@ -338,8 +338,7 @@ def deal_facts(cfg, rng):
         deck = _deck(sizes[RELATIONS[rel][1]], rng)
         rows = [dict(rel=rel, notable=p, value=next(deck)) for p in range(cfg.n_notables)]
         rng.shuffle(rows)
-        firsts = {r["value"]: i for i, r in reversed(list(enumerate(rows)))}.values()
-        firsts = set(firsts)
+        firsts = set({r["value"]: i for i, r in reversed(list(enumerate(rows)))}.values())  # each value's first row
         cover += [r for i, r in enumerate(rows) if i in firsts]
         rest += [r for i, r in enumerate(rows) if i not in firsts]
     rng.shuffle(rest)
