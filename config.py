@@ -107,7 +107,7 @@ PRESETS = {
                  max_len=64, eval_every=10, eval_batches=2, log_every=5),
 }
 # the tiny world also shrinks its held-out sets, which are otherwise sized for stable evaluation
-TINY_WORLD = dict(n_eval_pairs=(20, 20), n_knowledge=(20, 20), n_sentiment=(20, 20), n_persons=24, n_text_docs=8,
+TINY_WORLD = dict(n_eval_pairs=(20, 20), n_knowledge=(20, 20), n_sentiment=(20, 20), n_text_docs=8,
                   align_dev_fraction=0.5)
 TINY_EVAL = dict(max_items=10, n_pairs=20, shots=(0,))
 ARCHS = {"gpt": dict(norm="layernorm", mlp="gelu", pos="learned"),

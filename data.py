@@ -545,10 +545,11 @@ def check_file(path) -> str:
         docs = read_text(p)
         return f"{p}: plain text, {len(docs)} documents, {sum(len(d.split()) for d in docs)} words"
     if p.suffix == ".tsv":
-        if p.read_bytes().split(b"\n", 1)[0].rstrip(b"\r") == "\t".join(tasks.PAWSX_HEADER).encode():
+        head = p.read_bytes().split(b"\n", 1)[0].rstrip(b"\r")
+        if head == "\t".join(tasks.PAWSX_HEADER).encode():
             rows = tasks.read_pawsx_tsv(p)
             return f"{p}: PAWS-X TSV, {len(rows)} pairs, {sum(e.label for e in rows)} paraphrases"
-        if p.read_bytes().split(b"\n", 1)[0].rstrip(b"\r") == "\t".join(tasks.SENTIMENT_HEADER).encode():
+        if head == "\t".join(tasks.SENTIMENT_HEADER).encode():
             rows = tasks.read_sentiment_tsv(p)
             return f"{p}: sentiment TSV, {len(rows)} sentences, {sum(e.label for e in rows)} good"
         return f"{p}: parallel TSV, {len(read_parallel_tsv(p))} pairs"

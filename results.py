@@ -100,7 +100,7 @@ def others_with_se(per):
             math.sqrt(sum(v.get("acc_se", 0.0) ** 2 for v in rows)) / len(rows))
 
 
-def icl_rows(r, task, setting, k):
+def english_and_others(r, task, setting, k):
     """(English in-language, its SE, the others' mean in `setting`, its SE) at k shots of one evaluate() dict."""
     en = r["mc"][task][f"in_{k}shot"]["en"]
     return (en["acc"], en.get("acc_se", 0.0), *others_with_se(r["mc"][task][f"{setting}_{k}shot"]))
@@ -117,8 +117,8 @@ def icl_table(run_dirs, k=5):
         for setting in ("in", "cross"):
             cols = []
             for name, r in runs:
-                eb, eb_se, ob, ob_se = icl_rows(r["base"], task, setting, k)
-                ea, ea_se, oa, oa_se = icl_rows(r["aligned"], task, setting, k)
+                eb, eb_se, ob, ob_se = english_and_others(r["base"], task, setting, k)
+                ea, ea_se, oa, oa_se = english_and_others(r["aligned"], task, setting, k)
                 cols.append((eb, ea, ob, oa, oa - ob, eb - ob, ea - oa))
                 out.append(f"| {task} | {setting} {k}-shot | {name} | {pm(eb, eb_se)} | {pm(ea, ea_se)} | "
                            f"{pm(ob, ob_se)} | {pm(oa, oa_se)} | {pm(oa - ob, math.hypot(ob_se, oa_se))} | "
